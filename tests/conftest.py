@@ -1,0 +1,32 @@
+"""Test-wide set-up: 8 simulated CPU devices, offline hub, parsed absl flags.
+
+Must run before anything imports jax, which is why it sets the environment at import.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from absl import flags  # noqa: E402
+
+# Grain's worker processes read absl flags; pytest never parses them.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SAMPLE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "vision_flan_sample"
+
+
+@pytest.fixture(scope="session")
+def vflan_sample_dir():
+    """The real Vision-Flan instances shipped beside the repository (read-only); skip when absent."""
+    path = pathlib.Path(os.environ.get("VFLAN_SAMPLE_DIR", SAMPLE_DIR))
+    if not (path / "llava_format.json").exists():
+        pytest.skip(f"real Vision-Flan sample not found at {path}")
+    return path

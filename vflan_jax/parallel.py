@@ -1,0 +1,127 @@
+"""Device mesh, logical-axis rules and sharded parameter creation.
+
+Model code names axes logically ('embed', 'heads', 'act_batch', ...); this table maps them
+onto the mesh ('data', 'fsdp', 'tensor'). Parameters never materialise on one device: shapes
+come from jax.eval_shape and init runs under jit with out_shardings from the rules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# MaxText-style: weights sharded over fsdp on their model dimension and over tensor on
+# heads/mlp/vocab; activations over (data, fsdp) on batch.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("projector_in", None),
+    ("positions", None),
+    ("patch_h", None),
+    ("patch_w", None),
+    ("channels", None),
+)
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) with at most one -1 meaning 'the rest of the devices'."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} does not divide the {num_devices} devices")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} of {num_devices} devices")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
+    try:  # topology-aware placement on TPU/GPU; plain reshape where it does not apply (CPU subsets)
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except (ValueError, AssertionError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)
+    # Auto axes: linen's logical constraints are hints to GSPMD, not assertions (environment.md §3).
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
+
+
+def init_inputs(model_config, batch: int = 1):
+    """The smallest batch that creates every parameter (one image, its token slots)."""
+    n = model_config.tokens_per_image
+    ids = jnp.full((batch, n + 1), model_config.image_token_id, jnp.int32).at[:, 0].set(model_config.text.bos_token_id)
+    size = model_config.vision.image_size
+    return ids, jnp.zeros((batch, 1, 3, size, size), jnp.float32)
+
+
+def abstract_params(model_config):
+    """Boxed (LogicallyPartitioned) ShapeDtypeStructs of every parameter, computed without memory."""
+    from vflan_jax.models.llava import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration(model_config)
+    return jax.eval_shape(lambda key: model.init(key, *init_inputs(model_config))["params"], jax.random.key(0))
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedSharding per parameter (an unboxed tree) from the logical names; checks divisibility
+    so that a bad mesh for a model fails with the parameter's name, not deep inside XLA."""
+    specs = nn.get_partition_spec(boxed_params)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shapes = nn.unbox(boxed_params)
+    for (path, sharding), shape in zip(jax.tree_util.tree_leaves_with_path(shardings),
+                                       jax.tree.leaves(shapes)):
+        for dim, axes in zip(shape.shape, sharding.spec):
+            names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+            size = math.prod(mesh.shape[a] for a in names)
+            if dim % size:
+                raise ValueError(f"parameter {jax.tree_util.keystr(path)} of shape {shape.shape} cannot be sharded "
+                                 f"{sharding.spec} over mesh {dict(mesh.shape)}: {dim} is not divisible by {size}")
+    return shardings
+
+
+def init_params(model_config, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
+    """Random parameters created directly in their shards. Returns (params, shardings)."""
+    from vflan_jax.models.llava import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration(model_config)
+    shardings = param_shardings(abstract_params(model_config), mesh, rules)
+
+    def init(key):
+        return nn.unbox(model.init(key, *init_inputs(model_config))["params"])
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return params, shardings
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

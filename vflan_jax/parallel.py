@@ -92,12 +92,19 @@ def abstract_params(model_config):
     return jax.eval_shape(lambda key: model.init(key, *init_inputs(model_config))["params"], jax.random.key(0))
 
 
+def strip_boxes(boxed_params):
+    """The raw values of LogicallyPartitioned leaves (nn.unbox would also add sharding
+    constraints when called under a mesh and rules)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, boxed_params,
+                        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedSharding per parameter (an unboxed tree) from the logical names; checks divisibility
     so that a bad mesh for a model fails with the parameter's name, not deep inside XLA."""
     specs = nn.get_partition_spec(boxed_params)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    shapes = nn.unbox(boxed_params)
+    shapes = strip_boxes(boxed_params)
     for (path, sharding), shape in zip(jax.tree_util.tree_leaves_with_path(shardings),
                                        jax.tree.leaves(shapes)):
         for dim, axes in zip(shape.shape, sharding.spec):
@@ -125,3 +132,30 @@ def init_params(model_config, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def initialize_distributed() -> None:
+    """Multi-host start-up. TPU pods: automatic. GPU clusters: SLURM is detected by JAX, or set
+    JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+    One process on one host: nothing to do."""
+    import os
+    if jax.distributed.is_initialized():
+        return
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+        jax.distributed.initialize(
+            coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            local_device_ids=[int(i) for i in local.split(",")] if local else None)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+    """Each host's slice of the batch -> global arrays sharded on the batch axis over the mesh."""
+    out = {}
+    for name, array in local_batch.items():
+        spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (array.ndim - 1), rules)
+        out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), array)
+    return out

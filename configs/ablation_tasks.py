@@ -1,0 +1,23 @@
+"""Tasks vs instances at a fixed budget (recipe §4.5 Table 3): stage 1 on T tasks x N instances each.
+
+The paper's points: 10 x 10,000 vs 187 x 500 (100K) and 20 x 10,000 vs 187 x 1,000 (200K).
+Tasks and instances are drawn with the config's seed; everything else is stage 1.
+
+    python -m vflan_jax.train --config configs/ablation_tasks.py:size=13b,data_dir=/data/vision-flan,tasks=10,per_task=10000 \
+        --config.init_from=ckpt/llava15-13b-pretrained --workdir gs://bucket/vflan/ablation-10x10000
+
+Expected runtime: budget / 1.66M of a stage-1 epoch (100K examples: ~6% of it).
+"""
+from vflan_jax import recipes
+
+
+def get_config(arg: str | None = None):
+    a = recipes.parse_arg(arg, size="13b", data_dir="data/vision-flan", tasks="187", per_task="500")
+    tasks, per_task = int(a["tasks"]), int(a["per_task"])
+    c = recipes.llava15_finetune(a["size"])
+    c.optim.learning_rate = 2e-5
+    c.global_batch_size = 128
+    c.total_steps = recipes.steps(tasks * per_task, c.global_batch_size)
+    c.data.sources.vflan = recipes.vision_flan_source(a["data_dir"], budget_tasks=tasks, budget_per_task=per_task)
+    c.data.num_epochs = 1
+    return c

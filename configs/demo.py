@@ -1,0 +1,42 @@
+"""The README's main job: a tiny LLaVA trained on the offline Vision-Flan-like task suite.
+
+    python -m vflan_jax.train --config configs/demo.py --workdir /tmp/vflan_demo
+
+Runs on a laptop CPU (2 cores: about 5 minutes) with nothing downloaded: the task suite
+(12 training task types, each with its own expert instruction, plus 3 held-out task types)
+and a LLaMA-style tokenizer are generated into <workdir>/synthetic on first use. The loss
+falls clearly, and exact-match accuracy on the never-trained held-out tasks is printed next to
+its chance level. Shorter: --config.total_steps=20.
+"""
+from vflan_jax.data.pipeline import source_config
+from vflan_jax.data.synthetic import HELDOUT_TASKS, task_name
+from vflan_jax.train_config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.seed = 0
+    c.total_steps = 300
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 100
+    c.eval_every_steps = 100
+    c.global_batch_size = 8
+    c.synthetic_suite = "{workdir}/synthetic"
+    c.synthetic_instances_per_task = 160
+    c.tokenizer = "{synthetic}/tokenizer"
+
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"        # CPUs have no fast bf16 matmul
+    c.model.remat_policy = "none"
+
+    c.optim.learning_rate = 2e-3     # a from-scratch tiny model, not a fine-tune of Vicuna
+    c.optim.warmup_ratio = 0.05
+    c.optim.trainable = ("projector", "llm")
+
+    c.data.sources.train = source_config("{synthetic}/train.json", "{synthetic}/images")
+    c.data.sources.heldout = source_config("{synthetic}/heldout.json", "{synthetic}/images")
+    c.data.heldout_tasks = [task_name(t) for t in HELDOUT_TASKS]
+    c.data.max_length = 256
+    c.data.image_aspect = "pad"
+    c.data.num_workers = 0
+    return c

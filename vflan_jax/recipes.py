@@ -1,0 +1,70 @@
+"""Building blocks shared by the recipe configs in configs/ (recipe §4), so that each config file
+says only what its experiment changes.
+"""
+from __future__ import annotations
+
+import math
+
+from vflan_jax.data.pipeline import source_config
+from vflan_jax.train_config import base_config
+
+VISION_FLAN_INSTANCES = 1_664_261     # the 187-task release, recipe §2.4
+LLAVA_PRETRAIN_INSTANCES = 558_128    # LCS-558K (recipe §4.1; count from memory, recipe §7.6)
+SIZES = ("7b", "13b")
+
+
+def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
+    """'size=13b,data_dir=/x' -> {'size': '13b', 'data_dir': '/x', ...defaults}; unknown keys are errors."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r}: use key=value (known keys: {sorted(defaults)})")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is unknown; known keys: {sorted(defaults)}")
+        values[key] = value
+    if "size" in values and values["size"] not in SIZES:
+        raise ValueError(f"config argument size={values['size']!r}: use one of {SIZES}")
+    return values
+
+
+def steps(num_examples: int, global_batch: int, epochs: float = 1.0) -> int:
+    return math.ceil(num_examples * epochs / global_batch)
+
+
+def llava15_finetune(size: str):
+    """LLaVA-1.5 visual instruction tuning settings (recipe §4.2/4.3), the base of both Vision-Flan stages:
+    projector + LLM trainable, tower frozen, AdamW(0.9, 0.999, 1e-8), wd 0, clip 1.0, cosine with
+    3% warmup, max_length 2048, vicuna_v1 template, 'pad' images, bf16 compute with float32 master
+    weights. One example per row (pad-to-longest, as LLaVA) so that a step sees exactly
+    global_batch_size examples; data.packing='best_fit' trades that for throughput."""
+    c = base_config()
+    c.model.preset = size
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "full"
+    c.model.attention_impl = "auto"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.optim.trainable = ("projector", "llm")
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+    c.data.template = "vicuna_v1"
+    c.data.image_aspect = "pad"
+    c.data.max_length = 2048
+    c.data.packing = "pad_to_longest"
+    c.data.num_workers = 8
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 1000
+    return c
+
+
+def vision_flan_source(data_dir: str, **kw):
+    """The full release: vision_flan.json (LLaVA format + task_name) and its image folder."""
+    return source_config(f"{data_dir}/vision_flan.json", f"{data_dir}/images", format="llava", **kw)
+
+
+def llava_instruct_source(llava_dir: str, **kw):
+    """LLaVA-Instruct-158K (llava_instruct_150k.json, GPT-4 conversations on COCO train2017)."""
+    return source_config(f"{llava_dir}/llava_instruct_150k.json", f"{llava_dir}/coco/train2017", format="llava",
+                         default_task="llava_instruct", **kw)

@@ -1,0 +1,136 @@
+"""The trainer's ConfigDict: shared defaults, validation with messages naming the field, and the
+model config it implies.
+
+Every config in configs/ starts from `base_config()` and changes what its recipe says.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from vflan_jax.data.pipeline import default_data_config, validate_data_config
+from vflan_jax.models.config import ModelConfig, get_preset
+from vflan_jax.optim import default_optim_config
+
+NONFINITE = ("stop", "skip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 500
+    c.max_checkpoints_to_keep = 2
+    c.async_checkpointing = True
+    c.global_batch_size = 128
+    c.grad_accum_steps = 1
+    c.nonfinite = "stop"            # "stop": end the run naming the step and records; "skip": drop the update
+    c.init_from = config_dict.placeholder(str)   # our checkpoint, an HF LLaVA dir, or a finished workdir
+    c.tokenizer = config_dict.placeholder(str)   # HF tokenizer dir; None = the one next to init_from
+    c.synthetic_suite = config_dict.placeholder(str)  # build the offline task suite here ("{workdir}" allowed);
+    c.synthetic_instances_per_task = 64               # data paths may then say "{synthetic}"
+    c.eval_every_steps = 0          # held-out/val evaluation cadence (0 = only at the end)
+    c.eval_max_examples = 256
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"         # models/config.py PRESETS; "checkpoint" = the shapes of init_from
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "full"
+    c.model.attention_impl = "xla"
+    c.model.overrides = ml_collections.ConfigDict()   # dotted ModelConfig fields, e.g. {"text.num_layers": 4}
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.optim = default_optim_config()
+    c.data = default_data_config()
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict, checkpoint_config: ModelConfig | None = None) -> ModelConfig:
+    """The architecture from the preset (or the init_from checkpoint) plus the run's computation settings."""
+    compute = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
+                   attention_impl=c.model.attention_impl)
+    overrides = dict(c.model.overrides.to_dict()) if c.model.overrides else {}
+    try:
+        if c.model.preset == "checkpoint":
+            if checkpoint_config is None:
+                raise ValueError("model.preset='checkpoint' needs init_from")
+            return checkpoint_config.replace(**overrides, **compute)
+        return get_preset(c.model.preset, **overrides, **compute)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"config model: {e}") from None
+
+
+def check_init_shapes(configured: ModelConfig, loaded: ModelConfig, source: str) -> None:
+    """init_from must have the configured architecture; name every field that differs."""
+    arch = lambda m: {k: v for k, v in dataclasses.asdict(m).items()   # noqa: E731
+                      if k not in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
+    a, b = _flat(arch(configured)), _flat(arch(loaded))
+    diff = [f"model.{k}: config {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
+    if diff:
+        raise ValueError(f"config init_from={source}: the checkpoint's model differs from the configured one: "
+                         + "; ".join(diff) + " (use model.preset='checkpoint' to take the checkpoint's shapes)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    """Impossible settings fail before any work, naming the field."""
+    def bad(field, msg):
+        raise ValueError(f"config {field}: {msg}")
+
+    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps", "global_batch_size", "grad_accum_steps"):
+        if not isinstance(c[field], int) or c[field] < 1:
+            bad(field, f"must be an int >= 1, got {c[field]!r}")
+    if c.nonfinite not in NONFINITE:
+        bad("nonfinite", f"{c.nonfinite!r} is not one of {NONFINITE}")
+    from vflan_jax.parallel import resolve_mesh_shape
+    try:
+        data, fsdp, tensor = resolve_mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices)
+    except ValueError as e:
+        bad("mesh", str(e))
+    batch_shards = data * fsdp
+    if c.global_batch_size % batch_shards:
+        bad("global_batch_size", f"{c.global_batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
+    if c.global_batch_size % process_count:
+        bad("global_batch_size", f"{c.global_batch_size} is not divisible by the {process_count} hosts")
+    if c.global_batch_size % (c.grad_accum_steps * batch_shards):
+        bad("grad_accum_steps", f"global_batch_size {c.global_batch_size} is not divisible by grad_accum_steps "
+            f"{c.grad_accum_steps} x data x fsdp {batch_shards}")
+    if not 0 <= c.optim.warmup_ratio < 1:
+        bad("optim.warmup_ratio", f"must be in [0, 1), got {c.optim.warmup_ratio}")
+    if c.optim.learning_rate <= 0:
+        bad("optim.learning_rate", f"must be > 0, got {c.optim.learning_rate}")
+    if c.model.preset == "checkpoint" and not c.init_from:
+        bad("model.preset", "'checkpoint' takes the shapes of init_from, which is not set")
+    if not c.init_from and not c.tokenizer and not c.synthetic_suite:
+        bad("tokenizer", "no tokenizer: set tokenizer=DIR (or init_from a checkpoint that carries one)")
+    validate_data_config(c.data)   # its messages say "data config: <field>: ..."
+
+
+def substitute_paths(c: ml_collections.ConfigDict, values: dict[str, str]) -> None:
+    """Fill '{synthetic}'-style placeholders in data source paths and the tokenizer path."""
+    def fill(s):
+        return s.format(**values) if isinstance(s, str) and "{" in s else s
+    with c.unlocked():
+        for source in c.data.sources.values():
+            source.paths = [fill(p) for p in source.paths]
+            source.image_folder = fill(source.image_folder)
+        c.tokenizer = fill(c.tokenizer)
+
+
+def workdir_model_path(workdir: str) -> str:
+    """Where a finished run leaves its params-only model checkpoint (init_from accepts the workdir)."""
+    return os.path.join(workdir, "model")

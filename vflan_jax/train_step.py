@@ -1,0 +1,88 @@
+"""The jitted training step: loss, gradients of the trainable tree, clip, AdamW update.
+
+Loss = mean over the labelled tokens of the whole global batch (sum of token losses / number
+of labelled tokens, across all devices and accumulation micro-batches). LLaVA (HF Trainer +
+DeepSpeed) instead averages per-device token means, so devices with few labelled tokens weigh
+as much as devices with many; with packing, rows are full and the two nearly coincide.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vflan_jax.models.config import IGNORE_INDEX
+from vflan_jax.optim import merge
+
+MODEL_INPUTS = ("input_ids", "pixel_values", "image_mask", "positions", "segment_ids")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any            # the full tree (trainable and frozen)
+    opt_state: Any         # over the trainable tree only
+    rng: jax.Array         # uint32 key data; kept for stochastic extensions (no dropout in LLaVA)
+
+
+def token_losses(model, params, batch) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross-entropy in float32 and the labelled-token weights, both [B, T]."""
+    logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS)).astype(jnp.float32)
+    targets = batch["targets"]
+    weights = (targets != IGNORE_INDEX).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(targets == IGNORE_INDEX, 0, targets))
+    return ce * weights, weights
+
+
+def _per_task(values, task_ids, num_tasks: int):
+    ids = jnp.where(task_ids >= 0, task_ids, num_tasks).reshape(-1)
+    return jax.ops.segment_sum(values.reshape(-1), ids, num_segments=num_tasks + 1)[:num_tasks]
+
+
+def _sum_loss_and_stats(model, trainable, frozen, batch, num_tasks):
+    ce, w = token_losses(model, merge(trainable, frozen), batch)
+    stats = {"loss_sum": ce.sum(), "tokens": w.sum(),
+             "task_loss_sum": _per_task(ce, batch["task_ids"], num_tasks),
+             "task_tokens": _per_task(w, batch["task_ids"], num_tasks)}
+    return ce.sum(), stats
+
+
+def make_train_step(model, optimizer, mask_split, *, num_tasks: int, grad_accum_steps: int):
+    """Returns step(state, batch) -> (state, metrics). `mask_split(params) -> (trainable, frozen)`."""
+    grad_fn = jax.value_and_grad(lambda t, f, b: _sum_loss_and_stats(model, t, f, b, num_tasks), has_aux=True)
+
+    def gradients(trainable, frozen, batch):
+        if grad_accum_steps == 1:
+            (_, stats), grads = grad_fn(trainable, frozen, batch)
+            return grads, stats
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+
+        def body(carry, mb):
+            (_, stats), grads = grad_fn(trainable, frozen, mb)
+            return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], micro))))
+        (grads, stats), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
+        return grads, stats
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        trainable, frozen = mask_split(state.params)
+        grads, stats = gradients(trainable, frozen, batch)
+        n = jnp.maximum(stats["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)   # gradient of the global token mean
+        grad_norm = optax.global_norm(grads)
+        loss = stats["loss_sum"] / n
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = optimizer.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step never reaches the parameters; the host then stops or goes on (train.nonfinite).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_trainable, new_opt = keep(new_trainable, trainable), keep(new_opt, state.opt_state)
+        new_state = TrainState(state.step + 1, merge(new_trainable, frozen), new_opt, state.rng)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": stats["tokens"],
+                   "loss_sum": stats["loss_sum"], "task_loss_sum": stats["task_loss_sum"],
+                   "task_tokens": stats["task_tokens"]}
+        return new_state, metrics
+
+    return step

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax.experimental import multihost_utils
 
 from vflan_jax.data.packing import BatchLayout
 from vflan_jax.data.pipeline import DecodeExample
@@ -84,6 +84,8 @@ class ExampleEvaluator:
         return self._elements
 
     def run(self, eval_fn, params, to_device) -> EvalResult:
+        """to_device(batch) places this host's rows of a batch every host builds identically;
+        results are gathered from all hosts."""
         elements = self._decoded()
         loss_sum = tokens = 0.0
         per_task = collections.defaultdict(lambda: {"right": 0, "n": 0})
@@ -91,7 +93,8 @@ class ExampleEvaluator:
             chunk = elements[start:start + self.batch_size]
             rows = [[e] for e in chunk] + [[] for _ in range(self.batch_size - len(chunk))]
             batch = self.layout.assemble(rows, SkipCounter(), length=self.layout.max_length)
-            out = jax.device_get(eval_fn(params, to_device({k: v for k, v in batch.items() if not k.startswith("meta_")})))
+            out = eval_fn(params, to_device({k: v for k, v in batch.items() if not k.startswith("meta_")}))
+            out = multihost_utils.process_allgather(out, tiled=True)
             n = len(chunk)
             loss_sum += float(out["loss_sum"][:n].sum())
             tokens += float(out["tokens"][:n].sum())

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -56,7 +57,7 @@ class MetricsWriter:
         if self._tb is not None:
             for key, value in _flatten(values).items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+                    self._tb.add_scalar(re.sub(r"[^\w./-]", "_", key), value, step)  # TB tag charset
 
     def truncate_after(self, step: int) -> None:
         """On resume, forget lines logged after the checkpoint, so the file reads as one run."""

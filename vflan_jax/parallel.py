@@ -141,6 +141,8 @@ def initialize_distributed() -> None:
     import os
     if jax.distributed.is_initialized():
         return
+    # CPU processes (tests, simulations) need a cross-process collectives backend; no effect on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
         local = os.environ.get("JAX_LOCAL_DEVICE_IDS")

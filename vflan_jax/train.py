@@ -74,8 +74,13 @@ def prepare_inputs(cfg, workdir):
     if cfg.synthetic_suite:
         from vflan_jax.data.synthetic import build_tokenizer, suite_texts, write_task_suite
         root = cfg.synthetic_suite.format(workdir=workdir)
+        if jax.process_index() == 0:  # one writer; the other hosts wait, then read the same files
+            suite = write_task_suite(root, instances_per_task=cfg.synthetic_instances_per_task)
+            build_tokenizer(suite.tokenizer_dir, suite_texts(suite))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("synthetic suite written")
         suite = write_task_suite(root, instances_per_task=cfg.synthetic_instances_per_task)
-        build_tokenizer(suite.tokenizer_dir, suite_texts(suite))
         train_config.substitute_paths(cfg, {"synthetic": suite.root})
     init = cfg.init_from
     if init and os.path.isdir(train_config.workdir_model_path(init)):
@@ -188,6 +193,12 @@ def main(argv):
     def to_device(batch):
         return parallel.global_batch(batch, mesh, rules)
 
+    pad_values = {"input_ids": tokenizer.pad_token_id or 0, "targets": -100, "task_ids": -1}
+
+    def eval_to_device(batch):  # every host builds the whole eval batch; each contributes its rows
+        n, i = jax.process_count(), jax.process_index()
+        return to_device({k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in batch.items()})
+
     # --- bookkeeping ------------------------------------------------------------------------
     writer = MetricsWriter(workdir, enabled=is_main)
     start_step = int(state.step)
@@ -223,7 +234,7 @@ def main(argv):
                 break
             batch_skips = skips_of(host_batch)
             skipped.merge(batch_skips)
-            local = device_part(host_batch)
+            local = common_length(device_part(host_batch), pad_values)
             state, metrics = train_step(state, to_device(local))
             step += 1
             if pending is not None:
@@ -239,7 +250,7 @@ def main(argv):
                                           model_cfg, cfg, local, peak, llm_trainable, proj_trainable)
                 window, t_last = [], time.perf_counter()
                 if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and step < cfg.total_steps:
-                    values["eval"] = run_evaluators(evaluators, eval_fn, state.params, to_device)
+                    values["eval"] = run_evaluators(evaluators, eval_fn, state.params, eval_to_device)
                 writer.write(step, values)
                 if is_main:
                     print(progress.line(step, values), flush=True)
@@ -264,8 +275,23 @@ def main(argv):
         writer.close()
         raise SystemExit(EXIT_PREEMPTED)
 
-    finish(cfg, workdir, state, model_cfg, tokenizer_dir, evaluators, eval_fn, to_device, writer, skipped, step, is_main)
+    finish(cfg, workdir, state, model_cfg, tokenizer_dir, evaluators, eval_fn, eval_to_device, writer, skipped, step,
+           is_main)
     ckpt.close()
+
+
+def common_length(local: dict, pad_values: dict) -> dict:
+    """Hosts must pass equal shapes to the global batch; pad-to-longest batches may differ in
+    length per host, so every host pads to the longest (one tiny all-gather per step)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    length = local["input_ids"].shape[1]
+    longest = int(multihost_utils.process_allgather(np.array([length])).max())
+    if longest == length:
+        return local
+    return {k: np.pad(v, [(0, 0), (0, longest - length)], constant_values=pad_values.get(k, 0))
+            if v.ndim == 2 and v.shape[1] == length and k != "image_mask" else v for k, v in local.items()}
 
 
 def summarize_window(window, elapsed, step, schedules, task_names, skipped, model_cfg, cfg, local, peak,
@@ -300,17 +326,21 @@ def summarize_window(window, elapsed, step, schedules, task_names, skipped, mode
 
 
 def build_evaluators(cfg, info, tokenizer, model_cfg) -> dict[str, ExampleEvaluator]:
-    by_task = {}
-    for ex in info.mixture.heldout_examples:
-        by_task.setdefault(ex.task_name, []).append(ex)
-    if not by_task:
+    """'heldout': the mixture's held-out tasks; one more per config.eval_data entry
+    (none when eval_max_examples is 0)."""
+    if not cfg.eval_max_examples:
         return {}
-    per_task = max(1, cfg.eval_max_examples // len(by_task))  # every held-out task equally represented
-    heldout = [ex for task in sorted(by_task) for ex in by_task[task][:per_task]]
+    from vflan_jax.data.sources import read_examples
+    splits = {"heldout": list(info.mixture.heldout_examples)}
     folders = {}
     for sel in info.mixture.sources:
         for p in sel.spec.paths:
             folders[os.fspath(p)] = sel.spec.image_folder
+    for name, source in cfg.eval_data.items():
+        splits[name] = []
+        for p in source.paths:
+            splits[name] += read_examples(p, format=source.format, default_task=source.default_task)
+            folders[os.fspath(p)] = source.image_folder
     decode_kwargs = dict(tokenizer=tokenizer, template=cfg.data.template, image_folders=folders,
                          max_length=cfg.data.max_length, tokens_per_image=model_cfg.tokens_per_image,
                          image_size=model_cfg.vision.image_size, image_aspect=cfg.data.image_aspect)
@@ -319,7 +349,17 @@ def build_evaluators(cfg, info, tokenizer, model_cfg) -> dict[str, ExampleEvalua
                          image_token_id=model_cfg.image_token_id, pad_id=tokenizer.pad_token_id or 0)
     batch = max(jax.device_count(), min(cfg.global_batch_size, 32))
     batch -= batch % jax.device_count()
-    return {"heldout": ExampleEvaluator(heldout, decode_kwargs, layout_kwargs, batch)}
+    evaluators = {}
+    for name, examples in splits.items():
+        by_task = {}
+        for ex in examples:
+            by_task.setdefault(ex.task_name, []).append(ex)
+        if not by_task:
+            continue
+        per_task = max(1, cfg.eval_max_examples // len(by_task))  # every task equally represented
+        chosen = [ex for task in sorted(by_task) for ex in by_task[task][:per_task]]
+        evaluators[name] = ExampleEvaluator(chosen, decode_kwargs, layout_kwargs, batch)
+    return evaluators
 
 
 def run_evaluators(evaluators, eval_fn, params, to_device) -> dict:

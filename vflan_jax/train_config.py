@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.synthetic_instances_per_task = 64               # data paths may then say "{synthetic}"
     c.eval_every_steps = 0          # held-out/val evaluation cadence (0 = only at the end)
     c.eval_max_examples = 256
+    c.eval_data = ml_collections.ConfigDict()   # name -> source_config(...): extra eval-only splits (e.g. val)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"         # models/config.py PRESETS; "checkpoint" = the shapes of init_from
@@ -42,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"
     c.model.attention_impl = "xla"
-    c.model.overrides = ml_collections.ConfigDict()   # dotted ModelConfig fields, e.g. {"text.num_layers": 4}
+    c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields, e.g. {"text": {"num_layers": 4}}
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.optim = default_optim_config()
@@ -54,7 +55,7 @@ def model_config(c: ml_collections.ConfigDict, checkpoint_config: ModelConfig | 
     """The architecture from the preset (or the init_from checkpoint) plus the run's computation settings."""
     compute = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
                    attention_impl=c.model.attention_impl)
-    overrides = dict(c.model.overrides.to_dict()) if c.model.overrides else {}
+    overrides = _flat(c.model.overrides.to_dict()) if c.model.overrides else {}  # -> {"text.num_layers": 4}
     try:
         if c.model.preset == "checkpoint":
             if checkpoint_config is None:
@@ -125,7 +126,7 @@ def substitute_paths(c: ml_collections.ConfigDict, values: dict[str, str]) -> No
     def fill(s):
         return s.format(**values) if isinstance(s, str) and "{" in s else s
     with c.unlocked():
-        for source in c.data.sources.values():
+        for source in list(c.data.sources.values()) + list(c.eval_data.values()):
             source.paths = [fill(p) for p in source.paths]
             source.image_folder = fill(source.image_folder)
         c.tokenizer = fill(c.tokenizer)

@@ -71,7 +71,7 @@ def make_train_step(model, optimizer, mask_split, *, num_tasks: int, grad_accum_
         grads, stats = gradients(trainable, frozen, batch)
         n = jnp.maximum(stats["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / n, grads)   # gradient of the global token mean
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         loss = stats["loss_sum"] / n
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = optimizer.update(grads, state.opt_state, trainable)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vflan_jax.convert.errors import ConversionError
 from vflan_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
 
-class UnsupportedCheckpoint(ValueError):
+class UnsupportedCheckpoint(ConversionError):
     """The directory holds something other than the architectures vflan_jax implements."""
 
 

@@ -4,7 +4,7 @@ The paper's points: 10 x 10,000 vs 187 x 500 (100K) and 20 x 10,000 vs 187 x 1,0
 Tasks and instances are drawn with the config's seed; everything else is stage 1.
 
     python -m vflan_jax.train --config configs/ablation_tasks.py:size=13b,data_dir=/data/vision-flan,tasks=10,per_task=10000 \
-        --config.init_from=ckpt/llava15-13b-pretrained --workdir gs://bucket/vflan/ablation-10x10000
+        --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/ablation-10x10000
 
 Expected runtime: budget / 1.66M of a stage-1 epoch (100K examples: ~6% of it).
 """

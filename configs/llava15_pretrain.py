@@ -6,7 +6,7 @@ crop), lr 1e-3, global batch 256, 1 epoch, cosine with 3% warmup, LLM and tower 
     python -m vflan_jax.convert import-hf --vision_tower clip-vit-large-patch14-336 --llm vicuna-13b-v1.5 \
         --out ckpt/vicuna13b-clip
     python -m vflan_jax.train --config configs/llava15_pretrain.py:size=13b,data_dir=/data/LLaVA-Pretrain \
-        --config.init_from=ckpt/vicuna13b-clip --workdir gs://bucket/llava15/pretrain-13b
+        --config.init_from=ckpt/vicuna13b-clip --workdir /mnt/shared/runs/llava15/pretrain-13b
 
 data_dir holds blip_laion_cc_sbu_558k.json and images/. Expected runtime: ~5.5 h (13B) / ~3.5 h
 (7B) on 8 A100-80G for the original (recipe §4.1).

@@ -4,7 +4,7 @@ Same settings as stage 1 (lr 2e-5, global batch 128, one epoch over the union); 
 158,000 in the paper (Table 4: MME 1364.0 / 1317.9, LLaVA-Bench 52.7 / 63.9).
 
     python -m vflan_jax.train --config configs/mixed_single_stage.py:size=13b,data_dir=/data/vision-flan,llava_dir=/data/llava,num_conversations=1000 \
-        --config.init_from=ckpt/llava15-13b-pretrained --workdir gs://bucket/vflan/mixed-1k
+        --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/mixed-1k
 
 Expected runtime: as stage 1 (one epoch of 1.66M + N examples).
 """

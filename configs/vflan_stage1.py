@@ -8,7 +8,7 @@ lr 2e-5, cosine with 3% warmup, tower frozen.
         --llm vicuna-13b-v1.5 --projector llava-v1.5-mlp2x-336px-pretrain-vicuna-13b-v1.5/mm_projector.bin \
         --out ckpt/llava15-13b-pretrained
     python -m vflan_jax.train --config configs/vflan_stage1.py:size=13b,data_dir=/data/vision-flan \
-        --config.init_from=ckpt/llava15-13b-pretrained --workdir gs://bucket/vflan/stage1-13b
+        --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/stage1-13b
 
 data_dir holds vision_flan.json and images/ (the Vision-Flan/vision-flan release, shards unzipped).
 Expected runtime: the paper trained on 8 A100s; LLaVA-1.5's 665K-example finetune took ~20 h on

@@ -4,7 +4,7 @@
 (~8.2 passes over the 1,000), projector + LLM trainable, starting from stage 1.
 
     python -m vflan_jax.train --config configs/vflan_stage2.py:size=13b,llava_dir=/data/llava \
-        --config.init_from=gs://bucket/vflan/stage1-13b --workdir gs://bucket/vflan/stage2-13b
+        --config.init_from=/mnt/shared/runs/vflan/stage1-13b --workdir /mnt/shared/runs/vflan/stage2-13b
 
 llava_dir holds llava_instruct_150k.json and coco/train2017/. init_from may be the stage-1 workdir
 (its model/ is used). Expected runtime: minutes on 8 A100s (128 steps of 64 examples).

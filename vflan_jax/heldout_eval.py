@@ -62,13 +62,16 @@ def make_eval_fn(model):
 class ExampleEvaluator:
     """Evaluates a fixed list of examples, one example per row, fixed shapes (one compile)."""
 
-    def __init__(self, examples: Sequence[Example], decode_kwargs: dict, layout_kwargs: dict, batch_size: int):
+    def __init__(self, examples: Sequence[Example], decode_kwargs: dict, layout_kwargs: dict, batch_size: int,
+                 answer_pool: Sequence[Example] | None = None):
+        """answer_pool: the examples whose distinct answers define chance (default: `examples`);
+        pass the whole split when evaluating a subset, so a small subset does not inflate chance."""
         tasks = sorted({ex.task_name for ex in examples})
         self.task_names = tasks
         self.decode = DecodeExample(task_ids={t: i for i, t in enumerate(tasks)}, **decode_kwargs)
         self.layout = BatchLayout(batch_size=batch_size, max_examples_per_row=1, **layout_kwargs)
         self.examples = list(examples)
-        self.chance = chance_levels(self.examples)
+        self.chance = chance_levels(answer_pool if answer_pool is not None else self.examples)
         self.batch_size = batch_size
         self._elements = None
 

@@ -150,7 +150,10 @@ def initialize_distributed() -> None:
             coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
             local_device_ids=[int(i) for i in local.split(",")] if local else None)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    elif (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+          or os.environ.get("VFLAN_DISTRIBUTED") == "auto"):
+        # VFLAN_DISTRIBUTED=auto (launch/tpu_pod.py sets it): GCE TPU VMs keep the worker list in
+        # instance metadata, not in the environment; jax.distributed.initialize() reads it there.
         jax.distributed.initialize()
 
 

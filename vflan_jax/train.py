@@ -220,7 +220,7 @@ def main(argv):
         step_no, finite, record_ids = entry
         if not bool(finite):
             message = (f"non-finite loss or gradient at step {step_no}; batch records: "
-                       f"{sorted(set(r for r in record_ids.ravel() if r))[:32]}")
+                       f"{sorted(set(str(r) for r in record_ids.ravel() if r))[:32]}")
             if cfg.nonfinite == "stop":
                 raise NonFiniteLoss(message + " (update not applied; set nonfinite='skip' to go on)")
             logging.warning("%s: update skipped", message)
@@ -358,7 +358,7 @@ def build_evaluators(cfg, info, tokenizer, model_cfg) -> dict[str, ExampleEvalua
             continue
         per_task = max(1, cfg.eval_max_examples // len(by_task))  # every task equally represented
         chosen = [ex for task in sorted(by_task) for ex in by_task[task][:per_task]]
-        evaluators[name] = ExampleEvaluator(chosen, decode_kwargs, layout_kwargs, batch)
+        evaluators[name] = ExampleEvaluator(chosen, decode_kwargs, layout_kwargs, batch, answer_pool=examples)
     return evaluators
 
 

@@ -130,3 +130,11 @@ def test_trainable_typo_is_an_error():
     params = nn.unbox(LlavaForConditionalGeneration(cfg).init(jax.random.key(0), *init_inputs(cfg))["params"])
     with pytest.raises(ValueError, match="optim.trainable: 'projecter' matches no parameter"):
         optim.trainable_mask(params, ("projecter",))
+
+
+def test_chance_level_is_uniform_over_a_tasks_answers():
+    from vflan_jax.data.sources import Example
+    from vflan_jax.heldout_eval import chance_levels
+    ex = lambda task, answer: Example("i", task, None, (("human", "q"), ("gpt", answer)), "f", 0)  # noqa: E731
+    pool = [ex("a", "red"), ex("a", "blue"), ex("a", "red "), ex("a", "green"), ex("b", "yes"), ex("b", "no")]
+    assert chance_levels(pool) == {"a": 1 / 3, "b": 1 / 2}

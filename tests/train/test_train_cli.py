@@ -118,3 +118,12 @@ def test_two_jax_distributed_processes_give_the_losses_of_one(tmp_path, suite, r
     got, ref = losses(tmp_path / "two_hosts"), losses(one_host)
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-4)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_records(tmp_path, suite):
+    proc = run(train_args(tmp_path, suite, eval_max_examples=0, **{"optim.learning_rate": 1e30,
+                                                                    "optim.warmup_ratio": 0.0}), check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss or gradient at step" in proc.stderr
+    assert "'synthetic_train_" in proc.stderr.split("batch records:")[1]  # the offending batch's record ids
+    assert "update not applied" in proc.stderr

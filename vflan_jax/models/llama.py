@@ -2,8 +2,8 @@
 
 Attention is restricted by an explicit boolean mask built once per forward from segment ids
 (examples packed in one row never see each other) and token order (causal). The same mask
-path serves decoding: keys then come from a per-layer cache and the mask compares the cache
-slot index with the query's write index.
+serves decoding: keys then come from a per-layer cache and the mask compares the cache slot
+index with the query's write index.
 """
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(NamedTuple):
-    """Decoding state. k/v: [layers, B, S, kv_heads, head_dim]; segment_ids: [B, S] (0 = empty or pad);
-    index: scalar int32, the slot the next token is written to (rows are left-padded to align)."""
+    """Decoding state. k/v: one [B, kv_heads, S, head_dim] array per layer; segment_ids: [B, S]
+    (0 = empty or pad); index: scalar int32, the slot the next token is written to (rows are
+    left-padded to align).
+
+    Layout and granularity are for decode speed on XLA (measured on CPU, see docs/PERFORMANCE.md):
+    S next to head_dim makes each (row, head) a contiguous [S, hd] matrix, so attention is a
+    plain batched matmul over the cache with no transpose; separate arrays per layer (not one
+    stacked array) let every layer read and update its cache in place, where slicing a layer
+    out of a stacked array copies it, each layer, each step."""
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
@@ -29,9 +36,17 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, config: TextConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_kv_heads, max_len, config.resolved_head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+        # Distinct buffers for k and v: the decode loop donates (updates in place) both.
+        return cls(zeros(), zeros(), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def unstack_layers(lm_params, num_layers: int):
+    """LlamaModel params with the stacked decoder layers split into a tuple of per-layer trees;
+    only the KV-cache path accepts this form (training and init need the stacked one)."""
+    layers = tuple(jax.tree.map(lambda p: p[i], lm_params["layers"]) for i in range(num_layers))  # noqa: B023
+    return {**lm_params, "layers": layers}
 
 
 def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None) -> nn.Dense:
@@ -73,6 +88,21 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
     return (same & causal)[:, None]
 
 
+def cached_attention(q, k, v, mask, scale: float):
+    """q: [B, T, heads, hd]; k, v: a cache [B, kv_heads, S, hd]; mask: [B, 1, T, S] -> [B, T, heads, hd].
+
+    GQA groups the query heads ([B, T, kv, G, hd]) rather than repeating the keys, so the cache
+    is read where it lies, never copied or transposed. Same maths as the XLA implementation of
+    jax.nn.dot_product_attention: float32 scores, scaled after the matmul, masked softmax."""
+    b, t, h, hd = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, hd)
+
+
 class LlamaAttention(nn.Module):
     config: TextConfig
     dtype: jnp.dtype
@@ -92,14 +122,19 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, t, c.num_kv_heads, hd)
         q = rotary_embedding(q, positions, c.rope_theta)
         k = rotary_embedding(k, positions, c.rope_theta)
-        new_cache = None
-        if layer_cache is not None:
+        if layer_cache is None:
+            new_cache = None
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
+                                               implementation=self.attention_impl)
+        else:
             cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5, implementation=self.attention_impl)
+            # Only the T new [B, kv, T, hd] entries are transposed; the cache is updated in place.
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
+                                                   (0, 0, cache_index, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
+                                                   (0, 0, cache_index, 0))
+            new_cache = (cache_k, cache_v)
+            out = cached_attention(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), mask, hd ** -0.5)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         out = _dense(d, ("heads", "embed"), self.dtype, self.param_dtype, "o_proj")(out.reshape(b, t, c.num_heads * hd))
         return out, new_cache
@@ -150,8 +185,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                      embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         self.layers = scanned_stack(LlamaDecoderLayer, length=c.num_layers, remat_policy=self.remat_policy,
-                                    num_broadcast_args=3, scan_cache=True)(
-            c, self.dtype, self.param_dtype, self.attention_impl)
+                                    num_broadcast_args=2)(c, self.dtype, self.param_dtype, self.attention_impl)
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), self.dtype, self.param_dtype)
@@ -166,27 +200,40 @@ class LlamaModel(nn.Module):
         """h: [B, T, D] input embeddings -> (logits [B, T, vocab], updated cache or None)."""
         b, t, _ = h.shape
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
+        new_cache = None
         if cache is None:
-            mask = attention_mask(segment_ids, segment_ids, q_index, q_index)
-            layer_cache, cache_index = None, None
+            h, _ = self.layers(h, positions, attention_mask(segment_ids, segment_ids, q_index, q_index))
         else:
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                        (0, cache.index))
             kv_index = jnp.broadcast_to(jnp.arange(kv_segments.shape[1], dtype=jnp.int32), kv_segments.shape)
             mask = attention_mask(segment_ids, kv_segments, q_index + cache.index, kv_index)
-            layer_cache, cache_index = (cache.k, cache.v), cache.index
-        h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
-        h, new_layer_cache = self.layers(h, positions, mask, cache_index, layer_cache)
+            h, k, v = self._cached_layers(h, positions, mask, cache)
+            new_cache = KVCache(k, v, kv_segments, cache.index + t)
         h = self.norm(h)
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(new_layer_cache[0], new_layer_cache[1], kv_segments, cache.index + t)
         return logits, new_cache
+
+    def _cached_layers(self, h, positions, mask, cache: KVCache):
+        """The decoder stack with a cache, unrolled over layers (a Python loop) on the scanned
+        parameters: inside a scan, each layer's cache would be a dynamic slice of a stacked
+        array, which XLA copies (~3x the cost of the attention itself at S=2048).
+        The parameters may come pre-split (`unstack_layers`), so that a decode loop slices them
+        once, not every step (XLA does not hoist the slices out of the loop)."""
+        layers = self.variables["params"]["layers"]
+        layer = LlamaDecoderLayer(self.config, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+        ks, vs = [], []
+        for i in range(self.config.num_layers):
+            params = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda p: p[i], layers)  # noqa: B023
+            h, (k, v) = layer.apply({"params": params}, h, positions, mask, cache.index, (cache.k[i], cache.v[i]))
+            ks.append(k)
+            vs.append(v)
+        return h, tuple(ks), tuple(vs)
 
     def __call__(self, input_ids, positions, segment_ids, cache: KVCache | None = None):
         return self.decode(self.embed(input_ids), positions, segment_ids, cache)

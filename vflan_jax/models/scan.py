@@ -17,20 +17,19 @@ REMAT_POLICIES = {
 }
 
 
-def scanned_stack(layer_cls: type[nn.Module], *, length: int, remat_policy: str, num_broadcast_args: int,
-                  scan_cache: bool = False):
+def scanned_stack(layer_cls: type[nn.Module], *, length: int, remat_policy: str, num_broadcast_args: int):
     """Return a module class that applies `layer_cls` `length` times.
 
-    The layer is called as layer(carry, *broadcast_args[, per_layer_xs]) -> (carry, per_layer_out).
-    Broadcast args (positions, masks) are shared by all layers; with scan_cache the last
-    argument is scanned over its leading axis (a per-layer KV cache).
+    The layer is called as layer(carry, *broadcast_args) -> (carry, per_layer_out); broadcast
+    args (positions, masks) are shared by all layers. KV-cache decoding does not scan (see
+    LlamaModel._cached_layers: a scanned cache is copied per layer).
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"unknown remat_policy {remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
     block = layer_cls
     if remat_policy != "none":
         block = nn.remat(layer_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    in_axes = (nn.broadcast,) * num_broadcast_args + ((0,) if scan_cache else ())
+    in_axes = (nn.broadcast,) * num_broadcast_args
     return nn.scan(
         block,
         variable_axes={"params": 0},

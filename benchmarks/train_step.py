@@ -115,7 +115,7 @@ def main():
     ids, labels, pixels = make_batch(cfg, args.batch, args.seq_len)
     runners = {"vflan_jax": jax_step_fn(cfg, ids, labels, pixels, args.dtype),
                "transformers+torch": torch_step_fn(cfg, ids, labels, pixels, args.dtype)}
-    for name, run in runners.items():
+    for run in runners.values():
         for _ in range(args.warmup):
             run()
     times = {name: [] for name in runners}

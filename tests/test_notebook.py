@@ -63,7 +63,7 @@ def test_notebook_runs_top_to_bottom(executed):
     assert "[CpuDevice(id=0)]" in everything                       # the device cell ran jax
     assert json.loads((workdir / "synthetic" / "manifest.json").read_text())["params"]["n"] == 6
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == 3 and f"after 3 steps" in everything
+    assert summary["steps"] == 3 and "after 3 steps" in everything
     assert (workdir / "loss_curve.png").stat().st_size > 0
     loss_cell = next(c for c in code if "loss_curve.png" in c.source)
     assert _images(loss_cell) == 1                                  # the curve is displayed

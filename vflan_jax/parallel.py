@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -128,10 +128,6 @@ def init_params(model_config, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     return params, shardings
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def initialize_distributed() -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 
 import flax.linen as nn

@@ -5,7 +5,6 @@ import os
 import re
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from vflan_jax.data import skips, sources, synthetic

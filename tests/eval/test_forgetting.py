@@ -1,5 +1,4 @@
 """Catastrophic-forgetting suite: label matching, folder layout, optional yes/no judge (recipe §5.7)."""
-import json
 import os
 
 import pytest

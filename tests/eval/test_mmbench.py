@@ -1,6 +1,5 @@
 """MMBench CircularEval scoring, prompt building and submission file (recipe §5.3)."""
 import csv
-import os
 
 import pytest
 

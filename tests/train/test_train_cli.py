@@ -1,5 +1,4 @@
 """The trainer end to end: determinism, resume after SIGTERM or SIGKILL, 8 devices, init_from."""
-import os
 import random
 import signal
 import subprocess

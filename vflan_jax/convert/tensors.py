@@ -1,6 +1,6 @@
-"""Moving tensors between a flat {checkpoint key: array} view and the nested Flax tree,
-following a layout table (convert/layout.py). Host-memory (numpy) versions; the importer
-builds device arrays shard by shard on top of `assemble`.
+"""Moving tensors from a flat {checkpoint key: array} view into the nested Flax tree, following
+a layout table (convert/layout.py). Host-memory (numpy) versions; the importer builds device
+arrays shard by shard on top of `assemble`, and the exporter streams the reverse direction.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from vflan_jax.convert.layout import ParamSource, to_flax, to_torch
+from vflan_jax.convert.layout import ParamSource, to_flax
 
 
 def assemble(source: ParamSource, get: Callable[[str], np.ndarray]) -> np.ndarray:
@@ -39,19 +39,3 @@ def flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...]
 
 def params_from_tensors(layout: Mapping[tuple[str, ...], ParamSource], get: Callable[[str], np.ndarray]) -> dict:
     return nest({path: assemble(src, get) for path, src in layout.items()})
-
-
-def tensors_from_params(layout: Mapping[tuple[str, ...], ParamSource], params: Mapping) -> dict[str, np.ndarray]:
-    """Inverse of params_from_tensors: {canonical checkpoint key: torch-layout array}."""
-    flat = flatten(params)
-    out = {}
-    for path, src in layout.items():
-        if path not in flat:
-            raise KeyError(f"parameter {'/'.join(path)} is missing from the Flax tree")
-        value = np.asarray(flat[path])
-        parts = list(value) if src.stacked else [value]
-        if len(parts) != len(src.keys):
-            raise ValueError(f"parameter {'/'.join(path)} has {len(parts)} layers, the layout expects {len(src.keys)}")
-        for key, part in zip(src.keys, parts):
-            out[key] = np.ascontiguousarray(to_torch(part, src.kind))
-    return out

@@ -139,7 +139,7 @@ def build_mixture(specs: Sequence[SourceSpec], heldout_tasks: Sequence[str] = ()
     """Read every source's files and select; bad records are counted (or raised when strict)."""
     skipped = SkipCounter()
     selections = []
-    for i, spec in enumerate(specs):
+    for spec in specs:
         examples: list[Example] = []
         for path in spec.paths:
             examples += sources.read_examples(path, spec.format, spec.default_task,

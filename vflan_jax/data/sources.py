@@ -219,7 +219,7 @@ def _iter_json_array(f, path) -> Iterator:
             complete = end < len(buf) or eof   # a value touching the buffer end may be cut
         except json.JSONDecodeError as e:
             if eof:
-                raise ValueError(f"{path}: invalid JSON near character {e.pos} of the current buffer: {e.msg}")
+                raise ValueError(f"{path}: invalid JSON near character {e.pos} of the current buffer: {e.msg}") from e
             complete = False
         if not complete:
             fill()

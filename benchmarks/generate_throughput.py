@@ -1,7 +1,6 @@
 """Decode throughput of vflan_jax.generate vs transformers' generate, same weights, same inputs.
 
     .venv/bin/python benchmarks/generate_throughput.py                  # batch 1 and 16, 64 new tokens
-    .venv/bin/python benchmarks/generate_throughput.py --pope 320       # + POPE-sized run estimate
 
 Model: PRESETS["small"] (CLIP 6x384 @224 -> 256 image tokens, LLaMA 6x512, vocab 32000), random
 weights built in transformers and mapped with the converter's layout table. Prompt: one image
@@ -9,16 +8,13 @@ weights built in transformers and mapped with the converter's layout table. Prom
 --new_tokens tokens. Timings: best of --repeats interleaved rounds after one warm-up (compilation) run.
   decode tok/s   = batch * (new_tokens - 1) / (t(new_tokens) - t(1))   (prefill subtracted)
   end-to-end     = batch * new_tokens / t(new_tokens)
-POPE estimate: --pope N synthetic 640x480 JPEG questions through Generator.generate (real image
-loading, vicuna_v1 prompt, synthetic tokenizer), 4 new tokens (~3-token answer + EOS), batch 16,
-then extrapolated linearly to 8,910 questions.
+Floor: the roofline of a decode step on this machine (see decode_floor), the bound on any speed-up.
+A full POPE-sized evaluation is timed by benchmarks/pope_wall_time.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 
 import jax
@@ -33,7 +29,6 @@ from vflan_jax.generate import GenerationConfig, Generator
 from vflan_jax.models.config import get_preset
 
 PROMPT_POSITIONS = 300
-POPE_QUESTIONS = 8910
 
 
 def build_models(seed: int = 0):
@@ -96,34 +91,43 @@ def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: in
     return row
 
 
-def pope_estimate(params, cfg, questions: int) -> dict:
-    from PIL import Image
-
-    from vflan_jax.data import synthetic
-    objects = ("dog", "car", "person", "dining table", "traffic light", "bicycle")
-    with tempfile.TemporaryDirectory() as tmp:
-        prompts = [f"Is there a {objects[i % len(objects)]} in the image?\nAnswer the question using a single word "
-                   "or phrase." for i in range(questions)]
-        tok_dir = synthetic.build_tokenizer(os.path.join(tmp, "tok"), prompts[:len(objects)] * 30, vocab_size=1024)
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        rng = np.random.default_rng(0)
-        images = []
-        for i in range(min(questions, 64)):  # POPE asks ~6 questions per COCO image
-            path = os.path.join(tmp, f"{i}.jpg")
-            Image.fromarray(rng.integers(0, 255, (480, 640, 3), np.uint8)).save(path, quality=90)
-            images.append(path)
-        images = [images[i % len(images)] for i in range(questions)]
-        gen = Generator(params, cfg, tokenizer, batch_size=16)
-        config = GenerationConfig(max_new_tokens=4)
-        gen.generate(prompts[:16], images[:16], config)  # compile
+def _best_time(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
         t = time.perf_counter()
-        out = gen.generate(prompts, images, config)
-        elapsed = time.perf_counter() - t
-    prompt_len = len(gen.render(prompts[0], True))
-    return {"questions_measured": questions, "seconds": elapsed, "questions_per_s": questions / elapsed,
-            "estimated_pope_minutes": POPE_QUESTIONS / (questions / elapsed) / 60,
-            "mean_new_tokens": float(np.mean([len(r.token_ids) for r in out])), "prompt_chars": prompt_len}
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def decode_floor(params, cfg, rows: list[dict], new_tokens: int) -> dict:
+    """Roofline of one decode step on this machine, to read the speed-ups against: a step must at
+    least stream every decoder and lm_head weight once plus each row's KV cache (at its mean length
+    over the run, prompt + new_tokens / 2) from memory, and do 2 x batch x weights flops (/ the
+    machine's f32 matmul peak). Both rates are measured here with torch (its default threads):
+    peak = best 2048^3 matmul, bandwidth = best [1, 4096] @ [4096, 8192] matvec (128 MB, far
+    beyond the caches). Attention flops and everything else are left out, so the floor is
+    optimistic and `max_speedup` = transformers' step / floor is an upper bound."""
+    lm = {k: v for k, v in params["language_model"].items() if k != "embed_tokens"}
+    weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm))
+    a = torch.randn(2048, 2048)
+    peak = 2 * 2048 ** 3 / _best_time(lambda: a @ a)
+    x, w = torch.randn(1, 4096), torch.randn(4096, 8192)
+    bandwidth = w.numel() * 4 / _best_time(lambda: x @ w, 20)
+    t = cfg.text
+    cache_per_row = t.num_layers * 2 * t.num_kv_heads * t.resolved_head_dim * (PROMPT_POSITIONS + new_tokens / 2)
+    out = {"decode_weights": weights, "kv_cache_values_per_row": cache_per_row, "peak_gflop_s": peak / 1e9,
+           "bandwidth_gb_s": bandwidth / 1e9, "batches": []}
+    for row in rows:
+        b = row["batch"]
+        floor = max((weights + b * cache_per_row) * 4 / bandwidth, 2 * b * weights / peak)
+        hf_step = b / row["transformers"]["decode_tok_s"]
+        ours_step = b / row["vflan_jax"]["decode_tok_s"]
+        out["batches"].append({"batch": b, "floor_ms": floor * 1e3, "vflan_jax_ms": ours_step * 1e3,
+                               "transformers_ms": hf_step * 1e3, "max_speedup": hf_step / floor,
+                               "vflan_jax_of_floor": floor / ours_step})
+    return out
 
 
 def main() -> None:
@@ -132,16 +136,16 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--pope", type=int, default=0, help="questions to time for the POPE estimate (0: skip)")
     args = p.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     hf, hf_cfg, params, cfg = build_models()
     print(json.dumps({"devices": [str(d) for d in jax.devices()], "torch_threads": torch.get_num_threads()}))
+    rows = []
     for b in (int(x) for x in args.batches.split(",") if x):
-        print(json.dumps(throughput(hf, hf_cfg, params, cfg, b, args.new_tokens, args.repeats)), flush=True)
-    if args.pope:
-        print(json.dumps({"pope": pope_estimate(params, cfg, args.pope)}), flush=True)
+        rows.append(throughput(hf, hf_cfg, params, cfg, b, args.new_tokens, args.repeats))
+        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"floor": decode_floor(params, cfg, rows, args.new_tokens)}), flush=True)
 
 
 if __name__ == "__main__":

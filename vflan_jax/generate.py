@@ -66,7 +66,7 @@ class Generator:
             raise ValueError(f"image_size={image_size} but the vision tower takes {model_config.vision.image_size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.params, self.config, self.tokenizer = params, model_config, tokenizer
+        self.config, self.tokenizer = model_config, tokenizer
         self.image_size = model_config.vision.image_size
         self.image_aspect, self.conv_template, self.batch_size = image_aspect, conv_template, batch_size
         self.mesh, self.rules, self.prompt_buckets = mesh, rules, tuple(prompt_buckets)
@@ -76,6 +76,8 @@ class Generator:
         self.eos_ids = tuple(sorted(eos))
         self._eos_array = eos_array(self.eos_ids)
         self.decoder = CompiledDecoder.for_config(model_config)
+        # On CPU a per-layer copy of the decoder weights (the caller's stacked params stay alive if kept).
+        self.params = self.decoder.prepare_params(params)
         # Activations are batch-sharded over (data, fsdp) by the rules: pad batches to a multiple.
         self._batch_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
 

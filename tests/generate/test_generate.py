@@ -152,3 +152,16 @@ def test_prompt_and_image_mismatch_is_a_clear_error(setup):
         gen.generate_ids([[1, -200, -200]], [setup["pixels"][0]])
     nothing = dataclasses.replace(GenerationConfig(), max_new_tokens=0)
     assert gen.generate_ids([[1, 5]], [None], nothing)[0].token_ids == []
+
+
+def test_stacked_and_per_layer_weights_decode_the_same_tokens(setup):
+    """On CPU the Generator splits the stacked decoder layers once (prepare_params); the compiled
+    programs must give the same tokens from the stacked layout that accelerators keep."""
+    gen = setup["gen"]
+    prepared = gen.decoder.prepare_params(setup["params"])
+    assert isinstance(prepared["language_model"]["layers"], tuple) == (jax.default_backend() == "cpu")
+    assert gen.decoder.prepare_params(prepared) is prepared
+    stacked = Generator(setup["params"], setup["cfg"], None, batch_size=4)
+    stacked.params = setup["params"]  # bypass the split: the layout accelerators run
+    out = stacked.generate_ids(setup["ids"], setup["pixels"], GenerationConfig(max_new_tokens=NEW))
+    assert [r.token_ids for r in out] == setup["greedy"]

@@ -17,9 +17,11 @@ from vflan_jax.data.tokenize import IMAGE_PLACEHOLDER
 from vflan_jax.models.config import ModelConfig
 from vflan_jax.models.llava import check_image_slots
 
-# Steps of ~1.5x: a prompt is padded by at most a third (LLaVA-1.5 eval prompts, 576 image
-# tokens + ~60-80 text tokens, land in 768 rather than 1024), for at most 11 prefill shapes.
-PROMPT_BUCKETS = (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+# Steps of 64 tokens up to 1024, then 256: prefill cost grows with the padded length, and an
+# evaluation's prompts cluster in one or two buckets (LLaVA-1.5 eval prompts: 576 image tokens
+# + ~60-80 text tokens -> 640/704), so finer steps cost few extra compilations. Coarser ~1.5x
+# steps (384 for a 300-token prompt) made prefill 1.28x slower (docs/PERFORMANCE.md).
+PROMPT_BUCKETS = tuple(range(64, 1024 + 1, 64)) + (1280, 1536, 1792, 2048)
 
 
 def round_up_to_bucket(n: int, buckets: Sequence[int]) -> int:

@@ -32,7 +32,7 @@ def main() -> None:
                                         jnp.zeros((1, 1, 3, 224, 224)), jnp.zeros((1, 1), bool))["params"])()
 
     def run(params, cache, n):
-        try:  # split the stacked layer weights once, as inference/decode.py does on CPU
+        try:  # per-layer weights in the loop, as the Generator decodes on CPU (CompiledDecoder.prepare_params)
             from vflan_jax.models.llama import unstack_layers
             params = {**params, "language_model": unstack_layers(params["language_model"], cfg.text.num_layers)}
         except ImportError:  # older code without it

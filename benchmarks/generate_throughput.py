@@ -32,11 +32,12 @@ from vflan_jax.generate import GenerationConfig, Generator
 from vflan_jax.models.config import get_preset
 
 PROMPT_POSITIONS = 300
+PROMPT_TEXT_TOKENS = 43  # after BOS and the image: 1 + 256 + 43 = 300 for `small`
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def prompt_positions(cfg) -> int:
-    return max(PROMPT_POSITIONS, cfg.tokens_per_image + 44)
+    return max(PROMPT_POSITIONS, 1 + cfg.tokens_per_image + PROMPT_TEXT_TOKENS)
 
 
 def _sync():
@@ -113,15 +114,7 @@ def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: in
 
 
 def _best_time(fn, repeats: int = 5) -> float:
-    fn()
-    _sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - t)
-    return best
+    return _interleaved_best({"fn": lambda: (fn(), _sync())}, repeats)["fn"]
 
 
 def decode_floor(params, cfg, rows: list[dict], new_tokens: int) -> dict:
@@ -129,9 +122,10 @@ def decode_floor(params, cfg, rows: list[dict], new_tokens: int) -> dict:
     least stream every decoder and lm_head weight once plus each row's KV cache (at its mean length
     over the run, prompt + new_tokens / 2) from memory, and do 2 x batch x weights flops (/ the
     machine's matmul peak in that dtype). Both rates are measured here with torch (its default
-    threads, or cuda): peak = best n^3 matmul, bandwidth = best [1, n] @ [n, 2n] matvec (CPU: n =
-    2048 / 4096, 128 MB in f32, far beyond the caches; GPU: n = 8192 / 16384). Attention flops and everything else are left out, so the floor is
-    optimistic and `max_speedup` = transformers' step / floor is an upper bound."""
+    threads, or cuda): peak = best n^3 matmul, bandwidth = best [1, n] @ [n, 2n] matvec (CPU:
+    n = 2048 / 4096, 128 MB in f32, far beyond the caches; GPU: n = 8192 / 16384). Attention flops
+    and everything else are left out, so the floor is optimistic and `max_speedup` =
+    transformers' step / floor is an upper bound."""
     lm = {k: v for k, v in params["language_model"].items() if k != "embed_tokens"}
     weights = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm))
     dtype = getattr(torch, cfg.param_dtype)

@@ -25,10 +25,11 @@ import time
 import numpy as np
 from PIL import Image
 
+from vflan_jax.eval.benchmark import SHORT_ANSWER_SUFFIX as SUFFIX
+from vflan_jax.eval.pope import QUESTION_FILE, SPLITS
+
 POPE_QUESTIONS = 8910
-SPLITS = ("adversarial", "popular", "random")
 OBJECTS = ("dog", "car", "person", "dining table", "traffic light", "bicycle", "chair", "cup", "bus", "umbrella")
-SUFFIX = "Answer the question using a single word or phrase."
 
 
 def write_pope(root: str, questions: int, images: int, seed: int = 0) -> None:
@@ -41,7 +42,7 @@ def write_pope(root: str, questions: int, images: int, seed: int = 0) -> None:
                                                                             quality=90)
     per_split = -(-questions // len(SPLITS))
     qid = 0
-    with open(os.path.join(root, "llava_pope_test.jsonl"), "w") as qf:
+    with open(os.path.join(root, QUESTION_FILE), "w") as qf:
         for split in SPLITS:
             with open(os.path.join(root, "coco", f"coco_pope_{split}.json"), "w") as af:
                 for i in range(min(per_split, questions - qid)):

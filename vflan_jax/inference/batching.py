@@ -19,8 +19,9 @@ from vflan_jax.models.llava import check_image_slots
 
 # Steps of 64 tokens up to 1024, then 256: prefill cost grows with the padded length, and an
 # evaluation's prompts cluster in one or two buckets (LLaVA-1.5 eval prompts: 576 image tokens
-# + ~60-80 text tokens -> 640/704), so finer steps cost few extra compilations. Coarser ~1.5x
-# steps (384 for a 300-token prompt) made prefill 1.28x slower (docs/PERFORMANCE.md).
+# + ~60-80 text tokens -> 640/704), so finer steps cost few extra compilations. With ~1.5x steps
+# a 300-token prompt padded to 384, and batch-16 prefill took 2.90 s vs 2.3-2.5 s at 320
+# (docs/PERFORMANCE.md).
 PROMPT_BUCKETS = tuple(range(64, 1024 + 1, 64)) + (1280, 1536, 1792, 2048)
 
 

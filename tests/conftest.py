@@ -1,14 +1,23 @@
-"""Test-wide set-up: 8 simulated CPU devices, offline hub, parsed absl flags.
+"""Test-wide set-up: 8 simulated CPU devices, offline hub, parsed absl flags, and one
+persistent XLA compilation cache for the session.
 
 Must run before anything imports jax, which is why it sets the environment at import.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The trainer, eval and generate CLIs are tested as subprocesses that compile the same tiny
+# programs again and again (compilation is most of a run); the children inherit this cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vflan_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 from absl import flags  # noqa: E402
 

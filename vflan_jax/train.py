@@ -108,6 +108,8 @@ def main(argv):
     if not workdir:
         raise app.UsageError("--workdir is required")
     logging.getLogger().setLevel(logging.INFO)
+    if cfg.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir.format(workdir=workdir))
     parallel.initialize_distributed()
     is_main = jax.process_index() == 0
     init_path = prepare_inputs(cfg, workdir)

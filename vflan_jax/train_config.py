@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = config_dict.placeholder(str)   # HF tokenizer dir; None = the one next to init_from
     c.synthetic_suite = config_dict.placeholder(str)  # build the offline task suite here ("{workdir}" allowed);
     c.synthetic_instances_per_task = 64               # data paths may then say "{synthetic}"
+    # Persistent XLA compilation cache ("{workdir}" allowed): a resumed or repeated run loads its
+    # compiled step instead of compiling it again. None = JAX's default (JAX_COMPILATION_CACHE_DIR).
+    c.compilation_cache_dir = config_dict.placeholder(str)
     c.eval_every_steps = 0          # held-out/val evaluation cadence (0 = only at the end)
     c.eval_max_examples = 256
     c.eval_data = ml_collections.ConfigDict()   # name -> source_config(...): extra eval-only splits (e.g. val)

@@ -35,8 +35,9 @@ def test_run_writes_what_the_docs_promise(reference):
 
 
 def test_two_identical_runs_give_identical_losses(tmp_path, suite, reference):
-    run(train_args(tmp_path, suite, eval_max_examples=0))
+    run(train_args(tmp_path, suite, eval_max_examples=0, compilation_cache_dir="{workdir}/xla_cache"))
     assert losses(tmp_path) == reference[1]
+    assert list((tmp_path / "xla_cache").iterdir()), "the configured compilation cache was not written"
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tmp_path, suite, reference):

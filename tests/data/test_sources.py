@@ -194,3 +194,50 @@ def test_skip_counter_roundtrip_and_report():
         a.add("not_a_reason")
     with pytest.raises(TypeError):
         skips.skip_or_raise(BadRecord(skips.TOO_LONG), on_bad="ignore")
+
+
+# ----------------------------------------------------------------------------- byte offsets, non-UTF-8 bytes
+
+def _rec(rid, answer="b"):
+    return {"id": rid, "task_name": "T", "image": "a.png", "conversations": _conv(("human", "<image> é"), ("gpt", answer))}
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_spans_reread_each_record_exactly(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    recs = [_rec(f"r{i}", answer="ü€𝄞" * i + "x") for i in range(6)]
+    for name, text in (("l.json", "[\n" + ",\n  ".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n]"),
+                       ("l.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))):
+        path = tmp_path / name
+        raw = text.encode("utf-8")
+        path.write_bytes(raw)
+        spans = list(sources.iter_json_spans(str(path)))
+        assert [r for r, _, _ in spans] == recs
+        assert [json.loads(raw[o:o + n]) for _, o, n in spans] == recs
+
+
+def test_non_utf8_byte_in_a_jsonl_line_is_one_counted_skip(tmp_path):
+    good = (json.dumps(_rec("a"), ensure_ascii=False) + "\n").encode()
+    bad = b'{"id": "x", "task_name": "T\xff"}\n'
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(good + bad + good)
+    counter = SkipCounter()
+    assert len(sources.read_examples(path, on_bad=counter)) == 2
+    assert counter.by_reason == {skips.MALFORMED: 1}
+    message = counter.first_message[skips.MALFORMED]
+    at = len(good) + bad.index(b"\xff")
+    assert "line 2" in message and f"not UTF-8 at byte offset {at}" in message
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_json_list_that_cannot_be_decoded_names_file_and_byte_offset(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(sources, "_CHUNK", chunk)
+    head = ("[" + json.dumps(_rec("a", answer="€" * 5), ensure_ascii=False) + ", ").encode()
+    path = tmp_path / "bad_byte.json"
+    path.write_bytes(head + b'{"id": "b\xff"}]')
+    with pytest.raises(ValueError, match=rf"bad_byte\.json: not UTF-8 at byte offset {len(head) + 9}\b"):
+        sources.read_examples(path, on_bad=SkipCounter())
+    path = tmp_path / "bad_json.json"
+    path.write_bytes(head + b'{"id": "b", oops}]')
+    with pytest.raises(ValueError, match=rf"bad_json\.json: invalid JSON at byte offset {len(head) + 12}\b"):
+        sources.read_examples(path, on_bad=SkipCounter())

@@ -1,11 +1,13 @@
 """Which examples train: sources, held-out tasks, per-task caps, fixed budgets, random subsets.
 
-Every choice ranks examples by a seeded hash of their CONTENT (id, image, turns) -- not of
-their position -- so the selection for a seed does not change when a file is reordered or
-split into several files, and a task's choice does not depend on other tasks.  Pick "the N
-smallest ranks" = a seeded uniform sample without replacement.
+Every choice ranks records by a seeded hash of their CONTENT digest (task, id, image, turns;
+sources.content_digest) -- not of their position -- so the selection for a seed does not
+change when a file is reordered or split into several files, is the same for annotation files
+and for their prepared shards, and a task's choice does not depend on other tasks.  Pick "the
+N smallest ranks" = a seeded uniform sample without replacement.  All of it runs on the index
+arrays (record_index.py); no record body is parsed.
 
-Per source (recipe §2.4, §2.5, §4.5):
+Per source (docs/REFERENCE.md §2.4, §2.5, §4.5):
   max_per_task            cap, e.g. 10,000 (Vision-Flan: "<=10,000 randomly sampled per task")
   budget_tasks x budget_per_task   fixed budget (Table 3: 10 x 10,000, 187 x 500...): T tasks
                           drawn among those with >= N examples (None = all of them), N each
@@ -19,7 +21,10 @@ import hashlib
 import logging
 from typing import Sequence
 
-from vflan_jax.data import sources
+import numpy as np
+
+from vflan_jax.data import json_source, prepared_source
+from vflan_jax.data.record_index import RecordIndex
 from vflan_jax.data.skips import SkipCounter
 from vflan_jax.data.sources import Example
 
@@ -36,21 +41,49 @@ class SourceSpec:
     budget_tasks: int | None = None
     budget_per_task: int | None = None
     subset: int | None = None
+    prepared: str | None = None       # a prepared folder or bucket (prepare.py) instead of `paths`
+
+
+class Selected:
+    """The chosen records of a source, in order: a Grain random-access source (small to pickle)."""
+
+    def __init__(self, records, indices: np.ndarray):
+        self.records, self.indices = records, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.records[int(self.indices[i])]
 
 
 @dataclasses.dataclass
 class SourceSelection:
-    spec: SourceSpec
-    examples: list[Example]           # selected for training, in rank order (file order irrelevant)
-    heldout: list[Example]            # examples of held-out tasks (for evaluation)
-    available: dict[str, int]         # task -> usable examples read (before any choice)
-    selected: dict[str, int]          # task -> examples selected for training
+    spec: SourceSpec                  # for prepared data: paths/image_folder of the original files
+    records: object                   # index -> Example (json_source.JsonRecords | prepared_source.PreparedRecords)
+    train_indices: np.ndarray         # selected for training, in rank order (file order irrelevant)
+    heldout_indices: np.ndarray       # records of held-out tasks (for evaluation)
+    available: dict[str, int]         # task -> usable records (before any choice)
+    selected: dict[str, int]          # task -> records selected for training
+
+    @property
+    def train(self) -> Selected:
+        return Selected(self.records, self.train_indices)
+
+    @property
+    def examples(self) -> list[Example]:
+        """The selected Examples, parsed now (for inspection and tests; training streams `train`)."""
+        return list(self.train)
+
+    @property
+    def heldout(self) -> list[Example]:
+        return list(Selected(self.records, self.heldout_indices))
 
 
 @dataclasses.dataclass
 class Mixture:
     sources: list[SourceSelection]
-    skipped: SkipCounter              # bad records met while reading the files
+    skipped: SkipCounter              # bad records met while reading the files (or preparing them)
 
     @property
     def task_names(self) -> list[str]:
@@ -59,6 +92,7 @@ class Mixture:
 
     @property
     def heldout_examples(self) -> list[Example]:
+        """Parsed when asked for (held-out tasks are a small part of the data)."""
         return [e for s in self.sources for e in s.heldout]
 
     def counts(self) -> dict[str, dict[str, dict[str, int]]]:
@@ -88,64 +122,86 @@ def rank(seed: int, *parts: str) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def example_rank(seed: int, ex: Example) -> tuple[int, str]:
-    key = (ex.task_name, ex.id, ex.image or "", *(role + ":" + text for role, text in ex.turns))
-    return rank(seed, *key), ex.id   # ties only between identical records
+def seeded_ranks(digests: np.ndarray, seed: int) -> np.ndarray:
+    """Seeded pseudo-random uint64 rank per content digest (splitmix64 finaliser, vectorised)."""
+    x = np.asarray(digests, np.uint64) ^ np.uint64(rank(seed, "records"))
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
-def seeded_choice(examples: Sequence[Example], k: int | None, seed: int) -> list[Example]:
-    """The k examples of smallest seeded rank (all of them, ranked, when k is None)."""
-    ranked = sorted(examples, key=lambda e: example_rank(seed, e))
-    return ranked if k is None else ranked[:k]
+def select_source(spec: SourceSpec, index: RecordIndex, heldout_tasks: Sequence[str],
+                  seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, int], dict[str, int]]:
+    """(train indices, held-out indices, available, selected): held-out exclusion, then budget or
+    per-task cap, then subset (module doc).  Ties (identical records) keep file order."""
+    ranks = seeded_ranks(index.digests, seed)
+    ranked = np.argsort(ranks, kind="stable")
+    grouped = ranked[np.argsort(index.task_ids[ranked], kind="stable")]   # by task, rank order inside
+    sizes = np.bincount(index.task_ids, minlength=len(index.task_names))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    tid = {t: i for i, t in enumerate(index.task_names) if sizes[i]}
 
+    def of_task(t: str, k: int | None = None) -> np.ndarray:
+        a, b = starts[tid[t]], starts[tid[t] + 1]
+        return grouped[a:b if k is None else min(b, a + k)]
 
-def select_source(spec: SourceSpec, examples: Sequence[Example], heldout_tasks: Sequence[str],
-                  seed: int) -> SourceSelection:
-    """Apply held-out exclusion, then budget or per-task cap, then subset (module doc)."""
-    by_task: dict[str, list[Example]] = {}
-    for e in examples:
-        by_task.setdefault(e.task_name, []).append(e)
     heldout_set = set(heldout_tasks)
-    heldout = [e for t in sorted(by_task) if t in heldout_set for e in seeded_choice(by_task[t], None, seed)]
-    train = {t: v for t, v in by_task.items() if t not in heldout_set}
+    empty = np.zeros(0, np.int64)
+    heldout = np.concatenate([empty] + [of_task(t) for t in sorted(tid) if t in heldout_set])
+    train = sorted(t for t in tid if t not in heldout_set)
 
     if spec.budget_per_task is not None:
         n = spec.budget_per_task
-        eligible = sorted(t for t, v in train.items() if len(v) >= n)
+        eligible = [t for t in train if sizes[tid[t]] >= n]
         T = len(eligible) if spec.budget_tasks is None else spec.budget_tasks
         if T > len(eligible):
             raise ValueError(f"source {spec.name!r}: budget_tasks={T} but only {len(eligible)} training tasks "
                              f"have >= budget_per_task={n} examples")
-        tasks = sorted(eligible, key=lambda t: (rank(seed, "task", t), t))[:T]
-        chosen = {t: seeded_choice(train[t], n, seed) for t in sorted(tasks)}
+        tasks = sorted(sorted(eligible, key=lambda t: (rank(seed, "task", t), t))[:T])
+        chosen = [of_task(t, n) for t in tasks]
     else:
-        chosen = {t: seeded_choice(v, spec.max_per_task, seed) for t, v in sorted(train.items())}
+        chosen = [of_task(t, spec.max_per_task) for t in train]
 
-    pool = [e for t in sorted(chosen) for e in chosen[t]]
+    pool = np.concatenate([empty] + chosen)
+    pool = pool[np.argsort(ranks[pool], kind="stable")]
     if spec.subset is not None:
         if spec.subset > len(pool):
             raise ValueError(f"source {spec.name!r}: subset={spec.subset} but only {len(pool)} examples are available")
-        pool = seeded_choice(pool, spec.subset, seed)
-    else:
-        pool = seeded_choice(pool, None, seed)
-    selected: dict[str, int] = {}
-    for e in pool:
-        selected[e.task_name] = selected.get(e.task_name, 0) + 1
-    return SourceSelection(spec, pool, heldout, {t: len(v) for t, v in sorted(by_task.items())}, selected)
+        pool = pool[:spec.subset]
+    counts = np.bincount(index.task_ids[pool], minlength=len(index.task_names))
+    selected = {index.task_names[i]: int(k) for i, k in enumerate(counts) if k}
+    available = {t: int(sizes[i]) for t, i in sorted(tid.items())}
+    return pool, heldout, available, selected
+
+
+def open_source(spec: SourceSpec, on_bad) -> tuple[SourceSpec, RecordIndex, object]:
+    """(spec with the original files' paths and image folder, index, records) of one source."""
+    if spec.prepared is None:
+        index, records = json_source.scan_json_files(spec.paths, spec.format, spec.default_task, on_bad)
+        return spec, index, records
+    manifest, index, records = prepared_source.open_prepared(spec.prepared)
+    skipped = SkipCounter.from_dict(manifest["skipped"])
+    skipped.first_message.update(manifest.get("skipped_examples", {}))   # one culprit per reason, as for JSON
+    if skipped.total:
+        if on_bad == "raise":
+            raise ValueError(f"{spec.prepared}: {skipped.total} bad records were left out when it was prepared "
+                             f"(strict mode; see its {prepared_source.MANIFEST})")
+        on_bad.merge(skipped)
+    folder = spec.image_folder or manifest["image_folder"]
+    return dataclasses.replace(spec, paths=tuple(s["path"] for s in manifest["sources"]), image_folder=folder), \
+        index, records
 
 
 def build_mixture(specs: Sequence[SourceSpec], heldout_tasks: Sequence[str] = (), seed: int = 0,
                   strict: bool = False, log: bool = True) -> Mixture:
-    """Read every source's files and select; bad records are counted (or raised when strict)."""
+    """Read every source's index and select; bad records are counted (or raised when strict)."""
     skipped = SkipCounter()
     selections = []
     for spec in specs:
-        examples: list[Example] = []
-        for path in spec.paths:
-            examples += sources.read_examples(path, spec.format, spec.default_task,
-                                              on_bad="raise" if strict else skipped)
+        spec, index, records = open_source(spec, "raise" if strict else skipped)
         # Each source gets its own stream of ranks, so adding a source changes no other choice.
-        selections.append(select_source(spec, examples, heldout_tasks, rank(seed, "source", spec.name) % (1 << 62)))
+        chosen = select_source(spec, index, heldout_tasks, rank(seed, "source", spec.name) % (1 << 62))
+        selections.append(SourceSelection(spec, records, *chosen))
     mixture = Mixture(selections, skipped)
     unknown = set(heldout_tasks) - {t for s in selections for t in s.available}
     if unknown:

@@ -1,4 +1,4 @@
-"""Catastrophic-forgetting suite: label matching, folder layout, optional yes/no judge (recipe §5.7)."""
+"""Catastrophic-forgetting suite: label matching, folder layout, optional yes/no judge (docs/REFERENCE.md §5.7)."""
 import os
 
 import pytest

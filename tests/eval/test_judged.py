@@ -1,5 +1,5 @@
 """LLaVA-Bench and MM-Vet through a fake local judge: request format, score parsing, the API key
-only in the header, resumable reviews, pending mode without a judge (recipe §5.4, §5.5)."""
+only in the header, resumable reviews, pending mode without a judge (docs/REFERENCE.md §5.4, §5.5)."""
 import json
 import os
 
@@ -70,13 +70,16 @@ def test_llava_bench_judge(tmp_path, monkeypatch, capsys):
                 "[End of Assistant 1]\n\n[Assistant 2]\nmodel answer 0\n\n[End of Assistant 2]\n\n[System]\n"
                 + llava_bench.RULE_PROMPT + "\n\n")
     assert req["body"]["messages"][1] == {"role": "user", "content": expected}
-    # ratio of means, the unparseable review counted as [-1, -1] (summarize_gpt_review.py)
+    # ratio of means, the unparseable review counted as [-1, -1]; summarize_gpt_review.py rounds each
+    # mean to 3 decimals, then the ratio to 1
     ref, model = (8 + 9 - 1 + 10) / 4, (6 + 9 - 1 + 5) / 4
-    assert result.headline == pytest.approx(100 * model / ref)
-    assert result.metrics["summary"]["llava_bench_conv"]["relative"] == pytest.approx(100 * (6 + 5) / (8 + 10))
+    assert result.headline == round(round(model, 3) / round(ref, 3) * 100, 1) == 73.1
+    assert result.metrics["summary"]["all"]["relative_unrounded"] == pytest.approx(100 * model / ref)
+    assert result.metrics["summary"]["llava_bench_conv"]["relative"] == round(100 * (6 + 5) / (8 + 10), 1)
     assert result.metrics["n_parse_failures"] == 1 and again.headline == result.headline
     reviews = [json.loads(l) for l in open(tmp_path / "out" / "llava_bench_reviews.jsonl")]
-    assert {r["question_id"]: r["tuple"] for r in reviews}[2] == [-1, -1]
+    assert {r["question_id"]: r["tuple"] for r in reviews}[2] == [-1, -1] and len(reviews) == 4
+    assert result.metrics["judge"]["reviews_requested"] == 4 and again.metrics["judge"]["reviews_reused"] == 4
     assert SECRET not in _all_output_text(tmp_path / "out")
     assert SECRET not in capsys.readouterr().out
 

@@ -1,4 +1,4 @@
-"""MMBench CircularEval scoring, prompt building and submission file (recipe §5.3)."""
+"""MMBench CircularEval scoring, prompt building and submission file (docs/REFERENCE.md §5.3)."""
 import csv
 
 import pytest

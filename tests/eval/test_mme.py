@@ -1,4 +1,4 @@
-"""MME scoring against hand-worked numbers (recipe §5.1; official calculation.py rules)."""
+"""MME scoring against hand-worked numbers (docs/REFERENCE.md §5.1; official calculation.py rules)."""
 import json
 import os
 

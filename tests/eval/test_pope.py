@@ -1,4 +1,4 @@
-"""POPE scoring against hand-worked numbers (recipe §5.2; LLaVA's eval_pope.py rules)."""
+"""POPE scoring against hand-worked numbers (docs/REFERENCE.md §5.2; LLaVA's eval_pope.py rules)."""
 import json
 import os
 import random

@@ -11,9 +11,9 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."          # recipe §5.0
+SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."          # docs/REFERENCE.md §5.0
 MULTIPLE_CHOICE_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
@@ -27,6 +27,8 @@ class Question:
     prompt: str                      # the user message after "<image>\n", suffix included
     image: str | None = None         # image path, or None when image_b64 holds the image
     image_b64: str | None = None     # MMBench ships images inline
+    fixed_answer: str | None = None   # answered without the model (MMMU's questions it cannot ask)
+    image_fn: Callable[[], Any] | None = None   # a reader's lazy image (TFDS records, MMMU's parquet)
     record_prompt: str | None = None  # what LLaVA writes as "prompt" in its answer file (default: prompt)
     metadata: dict = dataclasses.field(default_factory=dict)
 
@@ -39,6 +41,8 @@ class Question:
         return answer_key(self.question_id, self.logged_prompt)
 
     def load_image(self):
+        if self.image_fn is not None:
+            return self.image_fn()
         if self.image_b64 is not None:
             from PIL import Image
             return Image.open(io.BytesIO(base64.b64decode(self.image_b64))).convert("RGB")
@@ -86,6 +90,16 @@ def require_dir(path: str, benchmark: str, what: str) -> str:
     if not os.path.isdir(path):
         raise BenchmarkError(f"{benchmark}: expected directory {path} ({what}); not found")
     return path
+
+
+def files_with_images(data_dir: str, benchmark: str, files: dict[str, tuple[str, str]], images: bool) -> dict:
+    """{name: path} for files {name: (file name, what it is)} that must exist in data_dir, plus
+    data_dir/images, required only when images are read (run, not score)."""
+    found = {name: require_file(os.path.join(data_dir, file), benchmark, what) for name, (file, what) in files.items()}
+    found["images"] = os.path.join(data_dir, "images")
+    if images:
+        require_dir(found["images"], benchmark, "images")
+    return found
 
 
 def pct(numerator: float, denominator: float) -> float:

@@ -1,10 +1,13 @@
-"""Catastrophic-forgetting suite (recipe §5.7): CIFAR-10, CIFAR-100, MNIST, miniImageNet classification
+"""Catastrophic-forgetting suite (docs/REFERENCE.md §5.7): CIFAR-10, CIFAR-100, MNIST, miniImageNet classification
 asked as free-form questions; CF = mean accuracy over the datasets present.
 
 Data layout: D/<dataset>/<class_name>/*.png|jpg with <dataset> one of cifar10, cifar100, mnist,
-miniimagenet (case, '-' and '_' ignored). Class folder names are the labels ('_' read as a space;
-MNIST folders "7" or "7 - seven"). Optional D/<dataset>/class_names.json {"<folder>": ["name", ...]}
-gives names/synonyms (needed when folders are WordNet ids, as in miniImageNet).
+miniimagenet (case, '-' and '_' ignored), or for cifar10, cifar100 and mnist a prepared TFDS
+dataset D/<dataset>/<version>/ (D is then TFDS's data_dir; the test split is read with
+tfds.data_source, class names from its metadata; tfds_source.py). Class folder names are the
+labels ('_' read as a space; MNIST folders "7" or "7 - seven"). Optional
+D/<dataset>/class_names.json {"<folder or TFDS label name>": ["name", ...]} gives names/synonyms
+(needed when folders are WordNet ids, as in miniImageNet).
 
 Matching: the normalised prediction contains a normalised class name or synonym as whole words
 (plural s/es allowed). With --judge_config, a yes/no LLM judge also decides each answer, as the
@@ -13,17 +16,21 @@ Vision-Flan paper did with Vicuna-1.5-13B (its judge prompt is unpublished; ours
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import os
 import re
 
 from vflan_jax.eval.benchmark import SHORT_ANSWER_SUFFIX, BenchmarkError, Question, Result, pct, record_key
-from vflan_jax.eval.judge import ReviewLog
+from vflan_jax.eval.judge import ReviewLog, review_key
+from vflan_jax.eval.tfds_source import TFDSClassification, is_prepared_tfds
 
 NAME = "forgetting"
 MAX_NEW_TOKENS = 128
 DATASETS = ("cifar10", "cifar100", "mnist", "miniimagenet")
+TFDS_NAMES = ("cifar10", "cifar100", "mnist")      # the TFDS builder names, also the folder names TFDS needs
+TFDS_SPLIT = "test"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 OBJECT_PROMPT = "What is the object in the image?\n" + SHORT_ANSWER_SUFFIX
 DIGIT_PROMPT = "What is the number in the image?\n" + SHORT_ANSWER_SUFFIX
@@ -78,25 +85,58 @@ def matches(prediction: str, names: list[str]) -> bool:
     return any(re.search(rf"(?<![a-z0-9]){re.escape(n)}(?:s|es)?(?![a-z0-9])", text) for n in names)
 
 
+def _extra_names(root: str) -> dict:
+    path = os.path.join(root, "class_names.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _folder_streams(dataset: str, root: str, extra: dict, prompt: str) -> list[list[Question]]:
+    streams = []
+    for folder in sorted(os.listdir(root)):
+        class_dir = os.path.join(root, folder)
+        if not os.path.isdir(class_dir):
+            continue
+        names = class_names(dataset, folder, extra)
+        images = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTS))
+        streams.append([Question(f"{dataset}/{folder}/{f}", prompt, image=os.path.join(class_dir, f),
+                                 metadata={"dataset": dataset, "label": names[0], "names": names})
+                        for f in images])
+    return streams
+
+
+def _tfds_streams(dataset: str, data_dir: str, extra: dict, prompt: str) -> list[list[Question]]:
+    data = TFDSClassification(dataset, TFDS_SPLIT, data_dir)
+    meta = data.class_names
+    if dataset != "mnist" and all(n == str(i) for i, n in enumerate(meta)) and not set(meta) <= set(extra):
+        raise BenchmarkError(f"forgetting: TFDS {dataset} in {data_dir} has no class names in its metadata (labels "
+                             f"are 0..{len(meta) - 1}); give {os.path.join(data_dir, dataset, 'class_names.json')} "
+                             '{"0": ["name", ...], ...}')
+    by_label = collections.defaultdict(list)
+    for i, label in enumerate(data.labels()):
+        by_label[label].append(i)
+    streams = []
+    for label in sorted(by_label):
+        names = class_names(dataset, meta[label], extra)
+        streams.append([Question(f"{dataset}/tfds/{TFDS_SPLIT}/{i}", prompt,
+                                 image_fn=functools.partial(data.pil_image, i),
+                                 metadata={"dataset": dataset, "label": names[0], "names": names})
+                        for i in by_label[label]])
+    return streams
+
+
 def load_questions(data_dir: str) -> list[Question]:
     """Round-robin over datasets and classes, so a --limit prefix is a balanced sample."""
     streams = []
     for dataset, root in dataset_dirs(data_dir).items():
-        extra_path = os.path.join(root, "class_names.json")
-        extra = {}
-        if os.path.isfile(extra_path):
-            with open(extra_path, encoding="utf-8") as f:
-                extra = json.load(f)
+        extra = _extra_names(root)
         prompt = DIGIT_PROMPT if dataset == "mnist" else OBJECT_PROMPT
-        for folder in sorted(os.listdir(root)):
-            class_dir = os.path.join(root, folder)
-            if not os.path.isdir(class_dir):
-                continue
-            names = class_names(dataset, folder, extra)
-            images = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTS))
-            streams.append([Question(f"{dataset}/{folder}/{f}", prompt, image=os.path.join(class_dir, f),
-                                     metadata={"dataset": dataset, "label": names[0], "names": names})
-                            for f in images])
+        if dataset in TFDS_NAMES and os.path.basename(root) == dataset and is_prepared_tfds(root):
+            streams += _tfds_streams(dataset, data_dir, extra, prompt)
+        else:
+            streams += _folder_streams(dataset, root, extra, prompt)
     interleaved = [q for group in itertools.zip_longest(*streams) for q in group if q is not None]
     if not interleaved:
         raise BenchmarkError(f"forgetting: no images found under {data_dir}/<dataset>/<class_name>/")
@@ -109,7 +149,6 @@ def judge_verdict(content: str) -> bool | None:
 
 
 def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Result:
-    from tqdm import tqdm
     questions = load_questions(data_dir)
     by_key = {record_key(a): a for a in answers}
     answered = [(q, by_key[q.key]["text"]) for q in questions if q.key in by_key]
@@ -122,22 +161,29 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
     key_metric = "match_acc"
     files = {}
     if judge is not None:
-        log = ReviewLog(os.path.join(out_dir, "forgetting_judgements.jsonl"))
+        cache = ReviewLog(os.path.join(out_dir, "forgetting_judge_cache.jsonl"))
         temperature, max_tokens = judge.resolve(0.0, JUDGE_MAX_TOKENS)
-        for q, text in tqdm([(q, t) for q, t in answered if q.key not in log], desc="judge forgetting", unit="q"):
-            content = judge.chat([{"role": "user", "content": JUDGE_PROMPT.format(
-                question=q.prompt, label=q.metadata["label"], prediction=text)}], temperature, max_tokens)
-            log.add({"key": q.key, "content": content, "verdict": judge_verdict(content)})
+
+        def review(messages):
+            content = judge.chat(messages, temperature, max_tokens)
+            return {"content": content, "verdict": judge_verdict(content)}
+
+        items = []
+        for q, text in answered:
+            messages = [{"role": "user", "content": JUDGE_PROMPT.format(question=q.prompt, label=q.metadata["label"],
+                                                                        prediction=text)}]
+            items.append((review_key(judge, q.key, text, messages, temperature, max_tokens), messages))
         verdicts = collections.defaultdict(list)
-        for q, _ in answered:
-            verdicts[q.metadata["dataset"]].append(log.records[q.key]["verdict"])
+        for (q, _), record in zip(answered, cache.review_all(items, review, desc="judge forgetting")):
+            verdicts[q.metadata["dataset"]].append(record["verdict"])
         for d, v in verdicts.items():
             per_dataset[d]["judge_acc"] = pct(sum(x is True for x in v), len(v))
             per_dataset[d]["judge_unparseable"] = sum(x is None for x in v)
+        notes.append(cache.note())
         unparseable = sum(m["judge_unparseable"] for m in per_dataset.values())
         if unparseable:
             notes.append(f"{unparseable} judge outputs neither yes nor no, counted wrong")
-        key_metric, files = "judge_acc", {"judgements": log.path}
+        key_metric, files = "judge_acc", {"judge_cache": cache.path}
     average = sum(m[key_metric] for m in per_dataset.values()) / len(per_dataset) if per_dataset else None
     if len(per_dataset) < len(DATASETS):
         notes.append(f"datasets scored: {sorted(per_dataset)} (CF averages {len(DATASETS)})")

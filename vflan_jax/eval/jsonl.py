@@ -44,6 +44,13 @@ def append_jsonl(path: str, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """Replace path with these records (for files that hold one scoring's output, unlike the logs)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""LLaVA-Bench (in-the-wild) (recipe §5.4): open answers rated against GPT-4's by a judge.
+"""LLaVA-Bench (in-the-wild) (docs/REFERENCE.md §5.4): open answers rated against GPT-4's by a judge.
 
 Data layout (LLaVA's playground/data/eval/llava-bench-in-the-wild):
     D/questions.jsonl       question_id, image, text, category (conv | detail | complex)
@@ -7,7 +7,8 @@ Data layout (LLaVA's playground/data/eval/llava-bench-in-the-wild):
     D/images/               images
     D/rule.json             optional: LLaVA's llava/eval/table/rule.json (else the built-in copy)
 Judging is eval_gpt_review_bench.py; summarising is summarize_gpt_review.py: relative score =
-mean(model score) / mean(reference score) * 100, with failed parses kept as [-1, -1] as there.
+round(mean(model score), 3) / round(mean(reference score), 3) * 100, rounded to 1 decimal, with
+failed parses kept as [-1, -1] as there. Only `run` needs images/; scoring reads none.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import collections
 import json
 import os
 
-from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, record_key, require_dir, require_file
-from vflan_jax.eval.judge import ReviewLog, request_body, write_pending_requests
-from vflan_jax.eval.jsonl import read_jsonl
+import numpy as np
+
+from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, files_with_images, record_key
+from vflan_jax.eval.judge import ReviewLog, request_body, review_key, write_pending_requests
+from vflan_jax.eval.jsonl import read_jsonl, write_jsonl
 
 NAME = "llava_bench"
 MAX_NEW_TOKENS = 1024
@@ -37,16 +40,14 @@ RULE_PROMPT = (  # llava/eval/table/rule.json, identical for llava_bench_{conv,d
     "does not affect your judgment.")
 
 
-def _files(data_dir: str) -> dict[str, str]:
-    return {"questions": require_file(os.path.join(data_dir, "questions.jsonl"), "LLaVA-Bench", "question file"),
-            "context": require_file(os.path.join(data_dir, "context.jsonl"), "LLaVA-Bench", "image captions"),
-            "reference": require_file(os.path.join(data_dir, "answers_gpt4.jsonl"), "LLaVA-Bench",
-                                      "GPT-4 reference answers"),
-            "images": require_dir(os.path.join(data_dir, "images"), "LLaVA-Bench", "images")}
+def _files(data_dir: str, images: bool = True) -> dict[str, str]:
+    return files_with_images(data_dir, "LLaVA-Bench", {
+        "questions": ("questions.jsonl", "question file"), "context": ("context.jsonl", "image captions"),
+        "reference": ("answers_gpt4.jsonl", "GPT-4 reference answers")}, images)
 
 
-def load_questions(data_dir: str) -> list[Question]:
-    files = _files(data_dir)
+def load_questions(data_dir: str, images: bool = True) -> list[Question]:
+    files = _files(data_dir, images)
     questions = []
     for r in read_jsonl(files["questions"], "LLaVA-Bench questions"):
         if not {"question_id", "image", "text", "category"} <= set(r):
@@ -83,13 +84,13 @@ def parse_score(review: str) -> list[float]:
 
 def build_requests(answers: list[dict], data_dir: str) -> tuple[list[dict], int]:
     """One judge request per answered question: (request dicts with key/category/messages, #unanswered)."""
-    files = _files(data_dir)
+    files = _files(data_dir, images=False)
     context = {c["image"]: c for c in read_jsonl(files["context"], "LLaVA-Bench context")}
     reference = {str(r["question_id"]): r for r in read_jsonl(files["reference"], "LLaVA-Bench references")}
     rule_table = rules(data_dir)
     by_key = {record_key(a): a for a in answers}
     requests, missing = [], 0
-    for i, q in enumerate(load_questions(data_dir)):
+    for i, q in enumerate(load_questions(data_dir, images=False)):
         a = by_key.get(q.key)
         if a is None:
             missing += 1
@@ -103,28 +104,36 @@ def build_requests(answers: list[dict], data_dir: str) -> tuple[list[dict], int]
         content = judge_content(context[image]["caption"], q.prompt, ref["text"], a["text"], rule_table[category])
         requests.append({"key": str(q.question_id), "id": i + 1, "question_id": q.question_id,
                          "answer1_id": ref.get("answer_id", ref["question_id"]),
-                         "answer2_id": a.get("answer_id", a["question_id"]), "category": category,
+                         "answer2_id": a.get("answer_id", a["question_id"]), "category": category, "answer": a["text"],
                          "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]})
     return requests, missing
 
 
+def validate(data_dir: str, questions: list[Question]) -> None:
+    """What score will read besides the answers: a caption, a reference answer and a rule per question."""
+    build_requests([{"question_id": q.question_id, "prompt": q.logged_prompt, "text": ""} for q in questions],
+                   data_dir)
+
+
 def summarize(reviews: list[dict]) -> dict:
-    """summarize_gpt_review.py: per category and 'all', ratio of mean scores (failures included as -1)."""
+    """summarize_gpt_review.py: per category and 'all', the mean of each score (failures included as
+    -1) rounded to 3 decimals, then round(model / reference * 100, 1); the unrounded ratio beside it."""
     scores = collections.defaultdict(list)
     for r in reviews:
         scores[r["category"]].append(r["tuple"])
         scores["all"].append(r["tuple"])
     out = {}
     for k, v in sorted(scores.items()):
-        ref = sum(t[0] for t in v) / len(v)
-        model = sum(t[1] for t in v) / len(v)
-        out[k] = {"relative": 100 * model / ref if ref else 0.0, "reference_x10": 10 * ref, "model_x10": 10 * model,
+        ref, model = np.asarray(v, dtype=np.float64).mean(0).tolist()
+        ref3, model3 = round(ref, 3), round(model, 3)
+        out[k] = {"relative": round(model3 / ref3 * 100, 1) if ref3 else None,
+                  "relative_unrounded": 100 * model / ref if ref else None,
+                  "reference_x10": 10 * ref, "model_x10": 10 * model,
                   "n": len(v), "n_parse_failures": sum(t == [-1, -1] for t in v)}
     return out
 
 
 def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Result:
-    from tqdm import tqdm
     requests, missing = build_requests(answers, data_dir)
     n_questions = len(requests) + missing
     notes = [f"{missing} of {n_questions} questions unanswered (not judged)"] if missing else []
@@ -136,19 +145,27 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
         notes.append("scores pending: no judge configured (--judge_config); judge requests written")
         return Result(NAME, "relative score (%)", None, {}, {}, n_questions=n_questions,
                       n_answered=len(requests), notes=notes, files={"judge_requests": path})
-    log = ReviewLog(os.path.join(out_dir, "llava_bench_reviews.jsonl"))
+    cache = ReviewLog(os.path.join(out_dir, "llava_bench_judge_cache.jsonl"))
     temperature, max_tokens = judge.resolve(JUDGE_TEMPERATURE, JUDGE_MAX_TOKENS)
-    for r in tqdm([r for r in requests if r["key"] not in log], desc="judge llava_bench", unit="q"):
-        review = judge.chat(r["messages"], temperature, max_tokens)
-        # LLaVA's review-file fields, so summarize_gpt_review.py reads this log as is.
-        log.add({k: r[k] for k in ("key", "id", "question_id", "answer1_id", "answer2_id", "category")}
-                | {"content": review, "tuple": parse_score(review)})
-    reviews = [log.records[r["key"]] for r in requests]
+
+    def review(r):
+        content = judge.chat(r["messages"], temperature, max_tokens)
+        return {"content": content, "tuple": parse_score(content)}
+
+    items = [(review_key(judge, r["key"], r["answer"], r["messages"], temperature, max_tokens), r) for r in requests]
+    cached = cache.review_all(items, review, desc="judge llava_bench")
+    # This scoring's reviews alone, in LLaVA's review-file fields: summarize_gpt_review.py -f reads it as is.
+    reviews = [{k: r[k] for k in ("id", "question_id", "answer1_id", "answer2_id", "category")}
+               | {"content": c["content"], "tuple": c["tuple"]} for r, c in zip(requests, cached)]
+    review_path = os.path.join(out_dir, "llava_bench_reviews.jsonl")
+    write_jsonl(review_path, reviews)
+    notes.append(cache.note())
     summary = summarize(reviews) if reviews else {}
     failures = sum(r["tuple"] == [-1, -1] for r in reviews)
     if failures:
         notes.append(f"{failures} judge outputs unparseable, kept as [-1, -1] as the official summary does")
     headline = summary["all"]["relative"] if summary else None
-    return Result(NAME, "relative score (%)", headline, {"summary": summary, "n_parse_failures": failures},
-                  {k: v["relative"] for k, v in summary.items()}, "relative score (%)", n_questions,
-                  len(requests), notes, {"reviews": log.path})
+    return Result(NAME, "relative score (%)", headline,
+                  {"summary": summary, "n_parse_failures": failures, "judge": cache.counts()},
+                  {k: v["relative"] for k, v in summary.items() if v["relative"] is not None}, "relative score (%)",
+                  n_questions, len(requests), notes, {"reviews": review_path, "judge_cache": cache.path})

@@ -1,4 +1,4 @@
-"""MM-Vet (recipe §5.5): open answers graded 0..1 against the ground truth by a judge.
+"""MM-Vet (docs/REFERENCE.md §5.5): open answers graded 0..1 against the ground truth by a judge.
 
 Data layout (LLaVA's playground/data/eval/mm-vet + MM-Vet's release):
     D/llava-mm-vet.jsonl    LLaVA's question file (question_id, image, text)
@@ -7,6 +7,7 @@ Data layout (LLaVA's playground/data/eval/mm-vet + MM-Vet's release):
 Writes R/mm-vet_results.json ({"v1_<qid>": answer}, LLaVA's convert_mmvet_for_eval.py), the file
 MM-Vet's official evaluator takes. Grading repeats the official evaluator's few-shot prompt,
 max_tokens 3, retries at temperature 0, 0.5, 1.0, 1.5, score 0 after 5 failed parses.
+Only `run` needs images/; scoring reads none.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import collections
 import json
 import os
 
-from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, pct, record_key, require_dir, require_file
-from vflan_jax.eval.judge import ReviewLog, request_body, write_pending_requests
+from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, files_with_images, pct, record_key
+from vflan_jax.eval.judge import ReviewLog, request_body, review_key, write_pending_requests
 from vflan_jax.eval.jsonl import read_jsonl, write_json
 
 NAME = "mm_vet"
@@ -39,22 +40,40 @@ Can you explain this meme? | This meme is poking fun at the fact that the names 
 """
 
 
-def _files(data_dir: str) -> dict[str, str]:
-    return {"questions": require_file(os.path.join(data_dir, "llava-mm-vet.jsonl"), "MM-Vet",
-                                      "LLaVA's MM-Vet question file"),
-            "annotations": require_file(os.path.join(data_dir, "mm-vet.json"), "MM-Vet",
-                                        "MM-Vet's annotations with answer and capability"),
-            "images": require_dir(os.path.join(data_dir, "images"), "MM-Vet", "images")}
+def _files(data_dir: str, images: bool = True) -> dict[str, str]:
+    return files_with_images(data_dir, "MM-Vet", {
+        "questions": ("llava-mm-vet.jsonl", "LLaVA's MM-Vet question file"),
+        "annotations": ("mm-vet.json", "MM-Vet's annotations with answer and capability")}, images)
 
 
-def load_questions(data_dir: str) -> list[Question]:
-    files = _files(data_dir)
+def load_questions(data_dir: str, images: bool = True) -> list[Question]:
+    files = _files(data_dir, images)
     out = []
     for r in read_jsonl(files["questions"], "LLaVA's MM-Vet question file"):
         if not {"question_id", "image", "text"} <= set(r):
             raise BenchmarkError(f"MM-Vet: {files['questions']}: each line needs question_id, image, text")
         out.append(Question(r["question_id"], r["text"], image=os.path.join(files["images"], r["image"])))
     return out
+
+
+def read_annotations(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            annotations = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BenchmarkError(f"MM-Vet: {path}: not valid JSON: {e}") from None
+    bad = [k for k, v in annotations.items() if not (isinstance(v, dict) and {"question", "answer"} <= set(v))]
+    if bad:
+        raise BenchmarkError(f"MM-Vet: {path}: entries need question and answer; {bad[:5]} do not")
+    return annotations
+
+
+def validate(data_dir: str, questions: list[Question]) -> None:
+    """What score will read besides the answers: an annotation per question."""
+    annotations = read_annotations(_files(data_dir, images=False)["annotations"])
+    unknown = [f"v1_{q.question_id}" for q in questions if f"v1_{q.question_id}" not in annotations]
+    if unknown:
+        raise BenchmarkError(f"MM-Vet: {_files(data_dir, images=False)['annotations']} has no entry for {unknown[:5]}")
 
 
 def grader_prompt(question: str, answer: str, prediction: str) -> str:
@@ -95,11 +114,9 @@ def read_predictions(path: str) -> list[dict]:
 
 
 def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Result:
-    from tqdm import tqdm
-    files = _files(data_dir)
-    with open(files["annotations"], encoding="utf-8") as f:
-        annotations = json.load(f)
-    questions = load_questions(data_dir)
+    files = _files(data_dir, images=False)
+    annotations = read_annotations(files["annotations"])
+    questions = load_questions(data_dir, images=False)
     by_key = {record_key(a): a for a in answers}
     by_id = {str(a["question_id"]): a for a in answers if "v1_key" in a}   # results-JSON input has no prompt
     answered = {}
@@ -124,25 +141,38 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
                      "(or run MM-Vet's official evaluator on mm-vet_results.json)")
         return Result(NAME, "total (%)", None, {}, {}, n_questions=len(questions), n_answered=len(answered),
                       notes=notes, files=files_out | {"judge_requests": path})
-    log = ReviewLog(os.path.join(out_dir, "mm_vet_grades.jsonl"))
-    for k in tqdm([k for k in prompts if k not in log], desc="judge mm_vet", unit="q"):
+    cache = ReviewLog(os.path.join(out_dir, "mm_vet_judge_cache.jsonl"))
+    temperature, max_tokens = judge.resolve(0.0, JUDGE_MAX_TOKENS)
+
+    def review(k):
         score, raw = grade(judge, prompts[k])
-        log.add({"key": k, "score": 0.0 if score is None else score, "parsed": score is not None, "raw": raw})
-    scores = {k: log.records[k]["score"] for k in prompts}
+        return {"key": k, "score": 0.0 if score is None else score, "parsed": score is not None, "raw": raw}
+
+    items = [(review_key(judge, k, answered[k], [{"role": "user", "content": p}], temperature, max_tokens), k)
+             for k, p in prompts.items()]
+    grades = dict(zip(prompts, cache.review_all(items, review, desc="judge mm_vet")))
+    notes.append(cache.note())
+    scores = {k: g["score"] for k, g in grades.items()}
     per_cap = collections.defaultdict(list)
+    no_capability = [k for k in scores if not annotations[k].get("capability")]
     for k, s in scores.items():
-        for cap in annotations[k].get("capability", []):
+        for cap in annotations[k].get("capability") or []:
             per_cap[cap].append(s)
-    failures = sum(not log.records[k]["parsed"] for k in prompts)
+    if no_capability:
+        notes.append(f"{len(no_capability)} of {len(scores)} graded questions have no 'capability' in "
+                     f"{files['annotations']} (e.g. {no_capability[0]}): capability scores "
+                     f"{'cover the others only' if per_cap else 'cannot be computed'}")
+    failures = sum(not g["parsed"] for g in grades.values())
     if failures:
         notes.append(f"{failures} answers ungradeable after {MAX_TRIES} judge tries, scored 0 as the official "
                      "evaluator does")
     total = pct(sum(scores.values()), len(scores)) if scores else None
     capabilities = {c: pct(sum(v), len(v)) for c, v in sorted(per_cap.items(), key=lambda kv: _cap_order(kv[0]))}
     return Result(NAME, "total (%)", total, {"total": total, "capabilities": capabilities,
-                                             "n_ungradeable": failures},
+                                             "n_ungradeable": failures, "n_without_capability": len(no_capability),
+                                             "judge": cache.counts()},
                   {"total": total, **capabilities} if total is not None else {}, "%", len(questions),
-                  len(answered), notes, files_out | {"grades": log.path})
+                  len(answered), notes, files_out | {"judge_cache": cache.path})
 
 
 def _cap_order(cap: str) -> int:

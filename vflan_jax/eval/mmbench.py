@@ -1,4 +1,4 @@
-"""MMBench (recipe §5.3): multiple choice, CircularEval carried by the data.
+"""MMBench (docs/REFERENCE.md §5.3): multiple choice, CircularEval carried by the data.
 
 Data: D/mmbench_dev_20230712.tsv (or the one *.tsv in D) with columns index, question, hint, A..D,
 answer (absent on test splits), category, l2-category, image (base64). Row index idx + k*1,000,000

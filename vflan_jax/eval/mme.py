@@ -1,4 +1,4 @@
-"""MME (recipe §5.1): 14 yes/no subtasks, two questions per image.
+"""MME (docs/REFERENCE.md §5.1): 14 yes/no subtasks, two questions per image.
 
 Data layout (LLaVA's playground/data/eval/MME):
     D/llava_mme.jsonl                        LLaVA's question file (optional: else built from the folders)
@@ -112,6 +112,16 @@ def _questions_from_folders(release: str) -> list[Question]:
         base = official.replace(OFFICIAL_SUFFIX, "").strip()
         questions.append(Question(rel, base + "\n" + SHORT_ANSWER_SUFFIX, image=os.path.join(release, rel)))
     return questions
+
+
+def validate(data_dir: str, questions: list[Question]) -> None:
+    """What score will read besides the answers: a ground-truth line for every question."""
+    gt = ground_truth(release_dir(data_dir))
+    for q in questions:
+        category, file = _locate(str(q.question_id))
+        if (category, file, official_question(gt, category, file, q.logged_prompt)) not in gt:
+            raise BenchmarkError(f"MME: no ground truth for question {q.question_id} ({q.logged_prompt[:60]!r}) in "
+                                 f"{release_dir(data_dir)}/{category}/")
 
 
 # ----------------------------------------------------------------------------- scoring

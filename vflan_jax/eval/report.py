@@ -26,7 +26,8 @@ def markdown(result: Result, context: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(result: Result, path: str) -> None:
+def bar_chart(result: Result, path: str) -> list[float]:
+    """Writes the chart; returns the y ticks drawn (for tests: none below 0 when no score is)."""
     import matplotlib
     matplotlib.use("Agg")                     # WHY: headless machines have no display
     import matplotlib.pyplot as plt
@@ -38,6 +39,9 @@ def bar_chart(result: Result, path: str) -> None:
         ax.set_ylabel(result.bar_axis)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+        # WHY: with every score 0 matplotlib centres the axis on 0 and draws negative ticks.
+        top = max(values)
+        ax.set_ylim(min(0.0, min(values)), top * 1.15 if top > 0 else 1.0)
     else:
         ax.text(0.5, 0.5, "scores pending" if result.headline is None else "no breakdown",
                 ha="center", va="center", transform=ax.transAxes)
@@ -45,7 +49,10 @@ def bar_chart(result: Result, path: str) -> None:
     ax.set_title(f"{result.benchmark} - {result.headline_name}: {_fmt(result.headline)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    low, high = ax.get_ylim()
+    ticks = [float(t) for t in ax.get_yticks() if low <= t <= high] if labels else []
     plt.close(fig)
+    return ticks
 
 
 def write_report(result: Result, out_dir: str, context: dict | None = None) -> dict[str, str]:

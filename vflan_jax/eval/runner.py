@@ -36,15 +36,19 @@ def answer_record(q: Question, text: str, model_id: str) -> dict:
 
 def run_questions(questions: Sequence[Question], answer_file: str, generate: GenerateFn, *, batch_size: int,
                   model_id: str, desc: str = "eval") -> list[dict]:
-    """Answer every question not yet in answer_file; returns all answer records of the file."""
+    """Answer every question not yet in answer_file (those with a fixed_answer without asking the
+    model); returns all answer records of the file."""
     todo = pending(questions, answer_file)
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc=desc, unit="q", smoothing=0.1)
     start = time.time()
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
-        texts = generate([q.prompt for q in batch], [q.load_image() for q in batch])
-        if len(texts) != len(batch):
-            raise RuntimeError(f"generator returned {len(texts)} answers for {len(batch)} prompts")
+        asked = [q for q in batch if q.fixed_answer is None]
+        generated = list(generate([q.prompt for q in asked], [q.load_image() for q in asked])) if asked else []
+        if len(generated) != len(asked):
+            raise RuntimeError(f"generator returned {len(generated)} answers for {len(asked)} prompts")
+        answers = iter(generated)
+        texts = [q.fixed_answer if q.fixed_answer is not None else next(answers) for q in batch]
         append_jsonl(answer_file, [answer_record(q, t.strip(), model_id) for q, t in zip(batch, texts)])
         bar.update(len(batch))
     bar.close()

@@ -1,11 +1,16 @@
 """Train-step throughput: vflan_jax vs transformers' LlavaForConditionalGeneration + torch AdamW,
-same model shapes, same batch, measured alternately in one run.
+same model shapes, same batch, measured interleaved in one run (best of --repeats rounds).
 
     python benchmarks/train_step.py                       # CPU: `small` preset, seq 1024, batch 4
     python benchmarks/train_step.py --preset 7b --text_layers 4 --dtype bfloat16 --seq_len 2048 --batch 8   # GPU
 
 Both sides train projector + LLM with the tower frozen, AdamW, global-norm clip 1.0, one image of
-tokens_per_image slots per row. Prints a table and one JSON line (paste into docs/PERFORMANCE.md).
+tokens_per_image slots per row. Three systems: vflan_jax as configured by default (attention
+"auto", chunked lm_head + cross-entropy), vflan_jax with the previous path (XLA attention with a
+boolean mask, full float32 logits + optax cross-entropy) and transformers + torch. For each: the
+whole step, the forward loss alone and forward + backward (no optimizer), so (fwd+bwd)/fwd is
+read on the same weights and batch. Prints the machine load (as `uptime` does), a table and one
+JSON line (paste into docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -13,9 +18,11 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+from generate_throughput import _interleaved_best
+
+BEFORE = dict(attention_impl="xla", loss_chunk_size=0)  # the path before issue 13
 
 
 def make_batch(cfg, batch: int, seq_len: int, seed: int = 0):
@@ -31,7 +38,8 @@ def make_batch(cfg, batch: int, seq_len: int, seed: int = 0):
     return ids, labels, pixels
 
 
-def jax_step_fn(cfg, ids, labels, pixels, dtype):
+def jax_step_fns(cfg, ids, labels, pixels, dtype):
+    """-> (step, forward loss, forward + backward) callables that block until done."""
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
@@ -39,7 +47,7 @@ def jax_step_fn(cfg, ids, labels, pixels, dtype):
     from vflan_jax.data.packing import next_token_targets
     from vflan_jax.models.llava import LlavaForConditionalGeneration
     from vflan_jax.parallel import init_inputs
-    from vflan_jax.train_step import TrainState, make_train_step
+    from vflan_jax.train_step import TrainState, make_train_step, token_losses
 
     mcfg = cfg.replace(dtype=dtype, remat_policy="none")
     model = LlavaForConditionalGeneration(mcfg)
@@ -58,15 +66,26 @@ def jax_step_fn(cfg, ids, labels, pixels, dtype):
     step = jax.jit(make_train_step(model, tx, lambda p: optim.split(p, mask), num_tasks=1, grad_accum_steps=1),
                    donate_argnums=(0,))
     holder = {"state": state}
+    # The step donates (frees) the state's arrays, so the loss timings get their own copy.
+    weights, frozen = jax.tree.map(jnp.copy, optim.split(params, mask))
+
+    def loss(t, f, b):  # frozen weights and batch as arguments: closed over, XLA constant-folds the tower
+        ce, w = token_losses(model, optim.merge(t, f), b)
+        return ce.sum() / w.sum()
+
+    fwd, fwd_bwd = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
         return float(metrics["loss"])  # blocks until the step is done
 
-    return run
+    run.compiled_hlo = lambda: step.lower(holder["state"], batch).compile().as_text()  # for the profile
+
+    return (run, lambda: float(fwd(weights, frozen, batch)),
+            lambda: jax.block_until_ready(fwd_bwd(weights, frozen, batch)))
 
 
-def torch_step_fn(cfg, ids, labels, pixels, dtype):
+def torch_step_fns(cfg, ids, labels, pixels, dtype):
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     from vflan_jax.convert.hf_config import model_config_to_hf
@@ -80,18 +99,35 @@ def torch_step_fn(cfg, ids, labels, pixels, dtype):
     ids_t, labels_t = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
     pix = torch.from_numpy(pixels).to(device)
 
-    def run():
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def loss():
         with torch.autocast(device_type=device, dtype=torch_dtype, enabled=torch_dtype != torch.float32):
-            loss = model(input_ids=ids_t, pixel_values=pix, labels=labels_t).loss
-        loss.backward()
+            return model(input_ids=ids_t, pixel_values=pix, labels=labels_t).loss
+
+    def fwd():
+        with torch.no_grad():
+            out = float(loss())
+        sync()
+        return out
+
+    def fwd_bwd():
+        loss().backward()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    def run():
+        out = loss()
+        out.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return float(loss)
+        sync()
+        return float(out.detach())
 
-    return run
+    return run, fwd, fwd_bwd
 
 
 def main():
@@ -101,8 +137,8 @@ def main():
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best time of each counts")
+    ap.add_argument("--skip_before", action="store_true", help="leave out the pre-issue-13 vflan_jax path")
     args = ap.parse_args()
 
     from vflan_jax.flops import train_step_flops
@@ -113,33 +149,34 @@ def main():
         cfg = cfg.replace(**{"text.num_layers": args.text_layers})
     cfg = cfg.replace(image_token_id=cfg.text.vocab_size - 1)  # HF needs an in-vocabulary image token
     ids, labels, pixels = make_batch(cfg, args.batch, args.seq_len)
-    runners = {"vflan_jax": jax_step_fn(cfg, ids, labels, pixels, args.dtype),
-               "transformers+torch": torch_step_fn(cfg, ids, labels, pixels, args.dtype)}
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(args.steps):  # alternate, so both see the same machine state
-        for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+    systems = {"vflan_jax": jax_step_fns(cfg, ids, labels, pixels, args.dtype)}
+    if not args.skip_before:
+        systems["vflan_jax (before)"] = jax_step_fns(cfg.replace(**BEFORE), ids, labels, pixels, args.dtype)
+    systems["transformers+torch"] = torch_step_fns(cfg, ids, labels, pixels, args.dtype)
+    load_before = os.getloadavg()
+    best = _interleaved_best({(name, part): fn for name, fns in systems.items()
+                              for part, fn in zip(("step", "fwd", "fwd_bwd"), fns)}, args.repeats)
+    load_after = os.getloadavg()
     flops = train_step_flops(cfg, batch=args.batch, seq_len=args.seq_len, image_slots=1)
     import jax
     peak = device_peak_tflops()
     result = {"preset": args.preset, "text_layers": cfg.text.num_layers, "seq_len": args.seq_len, "batch": args.batch,
               "dtype": args.dtype, "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
-              "machine": platform.machine()}
-    print(f"{'':20s} {'median s/step':>14s} {'tokens/s':>10s}")
-    for name, ts in times.items():
-        med = float(np.median(ts))
-        result[f"{name}_s_per_step"] = med
-        print(f"{name:20s} {med:14.3f} {args.batch * args.seq_len / med:10.0f}")
-    ratio = result["transformers+torch_s_per_step"] / result["vflan_jax_s_per_step"]
-    result["speedup"] = ratio
+              "machine": platform.machine(), "repeats": args.repeats,
+              "load_average_before": [round(x, 2) for x in load_before],
+              "load_average_after": [round(x, 2) for x in load_after]}
+    torch_step = best[("transformers+torch", "step")]
+    print("load average (1, 5, 15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f" % (*load_before, *load_after))
+    print("| system | s/step | tokens/s | vs transformers+torch | fwd s | fwd+bwd s | (fwd+bwd)/fwd |")
+    print("|---|---|---|---|---|---|---|")
+    for name in systems:
+        step, fwd, fwd_bwd = (best[(name, part)] for part in ("step", "fwd", "fwd_bwd"))
+        result[name] = {"s_per_step": step, "fwd_s": fwd, "fwd_bwd_s": fwd_bwd, "speedup": torch_step / step}
+        print(f"| {name} | {step:.2f} | {args.batch * args.seq_len / step:.0f} | {torch_step / step:.2f}x "
+              f"| {fwd:.2f} | {fwd_bwd:.2f} | {fwd_bwd / fwd:.2f} |")
     if peak:
-        result["mfu"] = flops / result["vflan_jax_s_per_step"] / (peak * 1e12)
-    print(f"vflan_jax is {ratio:.2f}x transformers+torch" + (f"; MFU {100 * result['mfu']:.1f}%" if peak else ""))
+        result["mfu"] = flops / best[("vflan_jax", "step")] / (peak * 1e12)
+        print(f"vflan_jax MFU {100 * result['mfu']:.1f}%")
     print(json.dumps(result))
 
 

@@ -85,10 +85,16 @@ def init_inputs(model_config, batch: int = 1):
     return ids, jnp.zeros((batch, 1, 3, size, size), jnp.float32)
 
 
+def _init_model(model_config):
+    # Init runs the forward on a few tokens; kernels with block-size limits (splash) cannot, and the
+    # parameters do not depend on the attention implementation.
+    from vflan_jax.models.llava import LlavaForConditionalGeneration
+    return LlavaForConditionalGeneration(model_config.replace(attention_impl="xla"))
+
+
 def abstract_params(model_config):
     """Boxed (LogicallyPartitioned) ShapeDtypeStructs of every parameter, computed without memory."""
-    from vflan_jax.models.llava import LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration(model_config)
+    model = _init_model(model_config)
     return jax.eval_shape(lambda key: model.init(key, *init_inputs(model_config))["params"], jax.random.key(0))
 
 
@@ -118,8 +124,7 @@ def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
 
 def init_params(model_config, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0):
     """Random parameters created directly in their shards. Returns (params, shardings)."""
-    from vflan_jax.models.llava import LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration(model_config)
+    model = _init_model(model_config)
     shardings = param_shardings(abstract_params(model_config), mesh, rules)
 
     def init(key):
@@ -160,3 +165,49 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, rules=DEFAULT_R
         spec = nn.logical_to_mesh_axes(("act_batch",) + (None,) * (array.ndim - 1), rules)
         out[name] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), array)
     return out
+
+
+def state_shardings(abstract_state, abstract_params, shardings, mesh: Mesh):
+    """The sharding of every leaf of a train state, derived from the parameter shardings.
+
+    Optimizer states (optax) nest copies of the parameter tree (Adam's mu and nu, multi_transform's
+    per-group states): a leaf whose trailing dict keys are a parameter's path and whose shape is
+    that parameter's takes the parameter's sharding. Everything else (step, counts, RNG key) is
+    replicated. Compiling the constructor and reading its output shardings does not do this:
+    `zeros_like` carries no data dependence on the parameter, so GSPMD replicates the moments.
+    """
+    by_path = {tuple(k.key for k in path): (leaf.shape, sharding) for (path, leaf), sharding in
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(shardings))}
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            shape, sharding = by_path.get(keys[start:], (None, None))
+            if sharding is not None and tuple(shape) == tuple(leaf.shape):
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def with_shardings(abstract_tree, shardings):
+    """ShapeDtypeStructs that carry their sharding (what lower()/restore() take)."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_tree, shardings)
+
+
+def micro_batches(x: jax.Array, steps: int, batch_sharding: NamedSharding | None = None) -> jax.Array:
+    """[B, ...] -> [steps, B // steps, ...] for gradient accumulation, with row i * steps + j in
+    micro-batch j. A batch sharded on rows gives each device a contiguous block; taking every
+    steps-th row keeps each micro-batch spread over all batch devices, from rows they already hold
+    (a plain reshape would put whole micro-batches on a few devices and idle the rest)."""
+    micro = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    if batch_sharding is None:
+        return micro
+    spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+    return jax.lax.with_sharding_constraint(micro, NamedSharding(batch_sharding.mesh, spec))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Rows over the batch axes of the mesh, every other dimension whole (a prefix for any batch array)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",), rules))

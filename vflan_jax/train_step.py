@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 
 from vflan_jax.models.config import IGNORE_INDEX
+from vflan_jax.models.losses import chunked_cross_entropy
 from vflan_jax.optim import merge
+from vflan_jax.parallel import micro_batches
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_mask", "positions", "segment_ids")
 
@@ -27,11 +29,19 @@ class TrainState(NamedTuple):
 
 
 def token_losses(model, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy in float32 and the labelled-token weights, both [B, T]."""
-    logits = model.apply({"params": params}, *(batch[k] for k in MODEL_INPUTS)).astype(jnp.float32)
+    """Per-token cross-entropy in float32 and the labelled-token weights, both [B, T].
+    With model.config.loss_chunk_size the lm_head is applied inside the loss, chunk by chunk
+    (models/losses.py), so no [B, T, vocab] float32 logits exist; 0 keeps the full logits."""
+    inputs = (batch[k] for k in MODEL_INPUTS)
     targets = batch["targets"]
+    chunk = model.config.loss_chunk_size
+    if chunk:
+        hidden, lm_head = model.apply({"params": params}, *inputs, return_hidden=True)
+        return chunked_cross_entropy(hidden, lm_head, targets, chunk)
+    logits = model.apply({"params": params}, *inputs).astype(jnp.float32)
     weights = (targets != IGNORE_INDEX).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(targets == IGNORE_INDEX, 0, targets))
+    with jax.named_scope("lm_head_cross_entropy"):  # names the ops in profiles
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(targets == IGNORE_INDEX, 0, targets))
     return ce * weights, weights
 
 
@@ -48,15 +58,25 @@ def _sum_loss_and_stats(model, trainable, frozen, batch, num_tasks):
     return ce.sum(), stats
 
 
-def make_train_step(model, optimizer, mask_split, *, num_tasks: int, grad_accum_steps: int):
-    """Returns step(state, batch) -> (state, metrics). `mask_split(params) -> (trainable, frozen)`."""
-    grad_fn = jax.value_and_grad(lambda t, f, b: _sum_loss_and_stats(model, t, f, b, num_tasks), has_aux=True)
+def make_train_step(model, optimizer, mask_split, *, num_tasks: int, grad_accum_steps: int,
+                    grad_shardings=None, batch_sharding=None):
+    """Returns step(state, batch) -> (state, metrics). `mask_split(params) -> (trainable, frozen)`.
+    grad_shardings (the trainable parameters' shardings): gradients are constrained to them, so XLA
+    reduce-scatters each into its parameter's shards instead of all-reducing full copies.
+    batch_sharding: keeps every accumulation micro-batch spread over all batch devices."""
+    raw_grad_fn = jax.value_and_grad(lambda t, f, b: _sum_loss_and_stats(model, t, f, b, num_tasks), has_aux=True)
+
+    def grad_fn(trainable, frozen, batch):
+        out, grads = raw_grad_fn(trainable, frozen, batch)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return out, grads
 
     def gradients(trainable, frozen, batch):
         if grad_accum_steps == 1:
             (_, stats), grads = grad_fn(trainable, frozen, batch)
             return grads, stats
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: micro_batches(x, grad_accum_steps, batch_sharding), batch)
 
         def body(carry, mb):
             (_, stats), grads = grad_fn(trainable, frozen, mb)

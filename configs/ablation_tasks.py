@@ -1,4 +1,4 @@
-"""Tasks vs instances at a fixed budget (recipe §4.5 Table 3): stage 1 on T tasks x N instances each.
+"""Tasks vs instances at a fixed budget (docs/REFERENCE.md §4.5 Table 3): stage 1 on T tasks x N instances each.
 
 The paper's points: 10 x 10,000 vs 187 x 500 (100K) and 20 x 10,000 vs 187 x 1,000 (200K).
 Tasks and instances are drawn with the config's seed; everything else is stage 1.
@@ -7,6 +7,9 @@ Tasks and instances are drawn with the config's seed; everything else is stage 1
         --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/ablation-10x10000
 
 Expected runtime: budget / 1.66M of a stage-1 epoch (100K examples: ~6% of it).
+
+Target slice (size=7b and 13b): as stage 1, 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPUs
+(same model, batch and length, so the same per-chip memory; docs/PERFORMANCE.md, memory at scale).
 """
 from vflan_jax import recipes
 

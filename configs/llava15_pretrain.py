@@ -1,4 +1,4 @@
-"""LLaVA-1.5 feature alignment (recipe §4.1): train the projector alone on LCS-558K captions.
+"""LLaVA-1.5 feature alignment (docs/REFERENCE.md §4.1): train the projector alone on LCS-558K captions.
 
 plain template (the caption is the whole answer), 'square' images (shortest-side resize + centre
 crop), lr 1e-3, global batch 256, 1 epoch, cosine with 3% warmup, LLM and tower frozen.
@@ -9,7 +9,11 @@ crop), lr 1e-3, global batch 256, 1 epoch, cosine with 3% warmup, LLM and tower 
         --config.init_from=ckpt/vicuna13b-clip --workdir /mnt/shared/runs/llava15/pretrain-13b
 
 data_dir holds blip_laion_cc_sbu_558k.json and images/. Expected runtime: ~5.5 h (13B) / ~3.5 h
-(7B) on 8 A100-80G for the original (recipe §4.1).
+(7B) on 8 A100-80G for the original (docs/REFERENCE.md §4.1).
+
+Target slice (size=7b and 13b): 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPUs. Only the
+projector trains, so the optimizer state is small; check with `python -m vflan_jax.aot --config
+configs/llava15_pretrain.py:size=13b --topology v5p:2x2x2` (docs/PERFORMANCE.md, memory at scale).
 """
 from vflan_jax import recipes
 from vflan_jax.data.pipeline import source_config

@@ -1,4 +1,4 @@
-"""Baseline of recipe §4.5 Table 4: one stage on Vision-Flan plus N GPT-4 conversations mixed in.
+"""Baseline of docs/REFERENCE.md §4.5 Table 4: one stage on Vision-Flan plus N GPT-4 conversations mixed in.
 
 Same settings as stage 1 (lr 2e-5, global batch 128, one epoch over the union); N = 1,000 or
 158,000 in the paper (Table 4: MME 1364.0 / 1317.9, LLaVA-Bench 52.7 / 63.9).
@@ -7,6 +7,9 @@ Same settings as stage 1 (lr 2e-5, global batch 128, one epoch over the union); 
         --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/mixed-1k
 
 Expected runtime: as stage 1 (one epoch of 1.66M + N examples).
+
+Target slice (size=7b and 13b): as stage 1, 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPUs
+(same model, batch and length, so the same per-chip memory; docs/PERFORMANCE.md, memory at scale).
 """
 from vflan_jax import recipes
 

@@ -90,9 +90,9 @@ class ForwardSignals:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
 
-    def run(self, args, env=None) -> int:
+    def run(self, args, env=None, cwd=REPO) -> int:
         print(f"+ {join(args)}", file=sys.stderr, flush=True)
-        self.child = subprocess.Popen(args, env=env, cwd=REPO)
+        self.child = subprocess.Popen(args, env=env, cwd=cwd)
         while True:
             try:
                 return self.child.wait()

@@ -4,7 +4,8 @@
         --workdir /ckpt/stage1-7b [--gpus 0,1,2,3] [--mem_fraction 0.9] [--max_restarts 3] [--dry_run] \\
         [-- --config.init_from=ckpt/llava15-7b-pretrained ...]
 
-Sets XLA_FLAGS (launch/README.md) and runs `python -m vflan_jax.train`. When the trainer exits
+Sets XLA_FLAGS (launch/README.md) and runs `python -m vflan_jax.train` in the current directory
+(relative paths mean what they mean to the trainer run by hand). When the trainer exits
 with status 75 (it received SIGTERM, e.g. from a spot-VM shutdown agent, and saved a checkpoint)
 the same command is re-run, which resumes; a SIGTERM/Ctrl-C sent to this launcher is forwarded
 to the trainer and the launcher stops after it has saved. --dry_run prints the command.
@@ -48,13 +49,15 @@ def main(argv=None) -> int:
     args = parse(argv)
     train = _common.train_args(args.config, args.workdir, args.overrides, python=args.python)
     env = command_env(args)
+    # The trainer runs where the launcher was started: relative --config/--workdir/override paths
+    # mean what they mean to the user (the trainer makes them absolute).
+    cwd = os.getcwd()
     if args.dry_run:
-        _common.emit([f"cd {_common.join([_common.REPO])}", f"{_common.env_assignments(env)} {_common.join(train)}"],
-                     True)
+        _common.emit([f"cd {_common.join([cwd])}", f"{_common.env_assignments(env)} {_common.join(train)}"], True)
         return 0
     full_env = {**os.environ, **env}
     forward = _common.ForwardSignals()
-    return _common.resume_loop(lambda: forward.run(train, env=full_env), args.max_restarts,
+    return _common.resume_loop(lambda: forward.run(train, env=full_env, cwd=cwd), args.max_restarts,
                                should_retry=lambda rc: rc == _common.EXIT_PREEMPTED and not forward.received)
 
 

@@ -1,8 +1,10 @@
 """notebooks/quickstart.ipynb runs top to bottom (nbclient, the venv's kernel) with a small setting:
 the loss curve is written and shown, the model answers, and transformers loads the export."""
+import ast
 import json
 import os
 import pathlib
+import shutil
 
 import nbformat
 import pytest
@@ -74,4 +76,31 @@ def test_notebook_runs_top_to_bottom(executed):
     assert (workdir / "hf" / "config.json").exists()
     hf_cell = next(c for c in code if "LlavaForConditionalGeneration.from_pretrained" in c.source)
     assert "HF load OK: LlavaForConditionalGeneration" in _text(hf_cell)
-    assert "transformers:" in _text(hf_cell)
+    assert "same answer: True" in _text(hf_cell)  # AutoProcessor + generate on the export = vflan_jax's answer
+    assert "n_image_tokens" not in hf_cell.source  # the processor expands the image tokens, not the notebook
+
+
+def _colab_repository():
+    """The install cell's colab_repository function, without running the cell (it would chdir)."""
+    cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells if "def colab_repository" in c.source)
+    tree = ast.parse(cell.source)
+    namespace = {"pathlib": pathlib, "shutil": shutil, "sh": None}
+    exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "colab_repository"],
+                            []), "cell", "exec"), namespace)
+    return namespace["colab_repository"]
+
+
+def test_colab_install_from_an_uploaded_zip_or_a_clear_message(tmp_path):
+    find = _colab_repository()
+    with pytest.raises(RuntimeError, match="Upload it .* or set REPO_URL"):
+        find(tmp_path, "")
+    copy = tmp_path / "src" / "vflan_jax-main"  # GitHub's Download ZIP: one top folder
+    (copy / "vflan_jax").mkdir(parents=True)
+    (copy / "vflan_jax" / "__init__.py").write_text("")
+    (copy / "pyproject.toml").write_text("[project]\nname = 'vflan_jax'\n")
+    content = tmp_path / "content"
+    content.mkdir()
+    shutil.make_archive(str(content / "vflan_jax-main"), "zip", tmp_path / "src")
+    repo = find(content, "")
+    assert (repo / "pyproject.toml").read_text() == (copy / "pyproject.toml").read_text()
+    assert find(content, "") == repo  # unpacked once, found again

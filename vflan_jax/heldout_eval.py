@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from vflan_jax.data import decoding
 from vflan_jax.data.packing import BatchLayout
 from vflan_jax.data.pipeline import DecodeExample
 from vflan_jax.data.skips import SkipCounter
-from vflan_jax.data.sources import Example
+from vflan_jax.data.sources import Example, read_examples
 from vflan_jax.models.config import IGNORE_INDEX
 from vflan_jax.train_step import MODEL_INPUTS
 
@@ -112,3 +114,41 @@ class ExampleEvaluator:
             examples=total, skipped=self.skipped.as_dict(),
             per_task={task: {"accuracy": t["right"] / t["n"], "chance": self.chance[task], "n": t["n"]}
                       for task, t in sorted(per_task.items())})
+
+
+EVAL_BATCH_LIMIT = 32  # rows per eval batch at most (one example per row)
+
+
+def build_evaluators(cfg, info, tokenizer, model_cfg) -> dict[str, ExampleEvaluator]:
+    """'heldout': the mixture's held-out tasks; one more per config.eval_data entry (none when
+    eval_max_examples is 0). Records are decoded with the training pipeline's settings
+    (data/decoding.py), one example per row."""
+    if not cfg.eval_max_examples:
+        return {}
+    splits = {"heldout": list(info.mixture.heldout_examples)}
+    folders = {}
+    for sel in info.mixture.sources:
+        for p in sel.spec.paths:
+            folders[os.fspath(p)] = sel.spec.image_folder
+    for name, source in cfg.eval_data.items():
+        splits[name] = []
+        for p in source.paths:
+            splits[name] += read_examples(p, format=source.format, default_task=source.default_task)
+            folders[os.fspath(p)] = source.image_folder
+    shapes = dict(tokens_per_image=model_cfg.tokens_per_image, image_size=model_cfg.vision.image_size)
+    decode_kwargs = dict(image_folders=folders, **decoding.decode_kwargs(cfg.data, tokenizer, **shapes))
+    layout_kwargs = dict(max_images_per_row=1, **decoding.layout_kwargs(
+        cfg.data, tokenizer, image_token_id=model_cfg.image_token_id, **shapes))
+    batch = max(jax.device_count(), min(cfg.global_batch_size, EVAL_BATCH_LIMIT))
+    batch -= batch % jax.device_count()
+    evaluators = {}
+    for name, examples in splits.items():
+        by_task = {}
+        for ex in examples:
+            by_task.setdefault(ex.task_name, []).append(ex)
+        if not by_task:
+            continue
+        per_task = max(1, cfg.eval_max_examples // len(by_task))  # every task equally represented
+        chosen = [ex for task in sorted(by_task) for ex in by_task[task][:per_task]]
+        evaluators[name] = ExampleEvaluator(chosen, decode_kwargs, layout_kwargs, batch, answer_pool=examples)
+    return evaluators

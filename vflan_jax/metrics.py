@@ -110,28 +110,43 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def loss_curve_series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """What loss_curve.png draws, as {label: (steps, values)}: the training loss and learning
+    rate, and every evaluation loss, including the final evaluation (a record with `eval` and no
+    `loss`, written after the last step)."""
+    train = [r for r in records if "loss" in r]
+    series = {"train loss (token mean)": ([r["step"] for r in train], [r["loss"] for r in train]),
+              "learning rate": ([r["step"] for r in train], [r["learning_rate"] for r in train])}
+    for r in records:
+        for key, value in sorted(r.get("eval", {}).items()):
+            if key.endswith("loss") and isinstance(value, (int, float)):
+                steps, values = series.setdefault(f"eval {key}", ([], []))
+                steps.append(r["step"])
+                values.append(value)
+    return series
+
+
 def plot_loss_curve(metrics_path: str, out_png: str, title: str = "training loss") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in read_metrics(metrics_path) if "loss" in r]
-    if not records:
+    series = loss_curve_series(read_metrics(metrics_path))
+    if not any(values for _, values in series.values()):
         logging.warning("no loss records in %s; no plot written", metrics_path)
         return
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    steps = [r["step"] for r in records]
-    ax_loss.plot(steps, [r["loss"] for r in records], label="train loss (token mean)")
-    evals = [r for r in records if "eval" in r]
-    if evals:
-        for key in sorted(evals[-1]["eval"]):
-            if key.endswith("loss"):
-                ax_loss.plot([r["step"] for r in evals], [r["eval"][key] for r in evals], "o-", label=f"eval {key}")
+    for label, (steps, values) in series.items():
+        if label == "learning rate":
+            ax_lr.plot(steps, values, color="tab:orange")
+        elif label.startswith("eval"):
+            ax_loss.plot(steps, values, "o-", label=label)
+        else:
+            ax_loss.plot(steps, values, label=label)
     ax_loss.set_ylabel("loss")
     ax_loss.set_title(title)
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
-    ax_lr.plot(steps, [r["learning_rate"] for r in records], color="tab:orange")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)

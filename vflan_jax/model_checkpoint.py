@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vflan_jax.cli import resolve_path
 from vflan_jax.models.config import ModelConfig
 from vflan_jax.parallel import DEFAULT_RULES, abstract_params, make_mesh, param_shardings
 
@@ -54,7 +55,7 @@ def save_model(path, params, model_config: ModelConfig, tokenizer=None, tokenize
 
     tokenizer: a transformers tokenizer object (save_pretrained), or tokenizer_dir: a directory
     whose tokenizer files are copied."""
-    path = epath.Path(path)
+    path = epath.Path(resolve_path(path))  # Orbax refuses relative paths
     # Orbax copies arrays to host before writing; by default all at once (a second copy of the
     # model). Cap the bytes in flight at the largest array this host holds. No compression:
     # weights barely compress and zstd doubles the save time.
@@ -79,6 +80,33 @@ def save_model(path, params, model_config: ModelConfig, tokenizer=None, tokenize
                 (path / TOKENIZER / name).write_bytes(src.read_bytes())
 
 
+def save_model_atomically(path, params, model_config: ModelConfig, tokenizer=None, tokenizer_dir=None,
+                          replace: bool = False) -> None:
+    """save_model into PATH.partial, then renamed to PATH: nobody ever sees a half-written model
+    at PATH, and a failure or a kill leaves PATH as it was (a later call rewrites the .partial).
+    replace: an existing PATH is swapped for the new one; otherwise it is a FileExistsError."""
+    path = epath.Path(resolve_path(path))
+    partial = path.parent / (path.name + ".partial")
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} already exists")
+    try:
+        save_model(partial, params, model_config, tokenizer, tokenizer_dir, overwrite=True)
+    except BaseException:
+        if jax.process_index() == 0:
+            partial.rmtree(missing_ok=True)
+        raise
+    if jax.process_index() != 0:
+        return
+    if path.exists():
+        old = path.parent / (path.name + ".old")
+        old.rmtree(missing_ok=True)
+        path.rename(old)
+        partial.rename(path)
+        old.rmtree()
+    else:
+        partial.rename(path)
+
+
 def load_model_config(path) -> ModelConfig:
     return ModelConfig.from_dict(json.loads((epath.Path(path) / CONFIG).read_text()))
 
@@ -86,7 +114,7 @@ def load_model_config(path) -> ModelConfig:
 def load_model(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None) -> tuple[dict, ModelConfig]:
     """(params, model_config). mesh None: parallel.make_mesh() over all devices. dtype casts the
     stored parameters on restore (and is recorded as the config's param_dtype)."""
-    path = epath.Path(path)
+    path = epath.Path(resolve_path(path))  # Orbax refuses relative paths
     cfg = load_model_config(path)
     if dtype is not None:
         cfg = cfg.replace(param_dtype=str(jnp.dtype(dtype)))
@@ -97,8 +125,28 @@ def load_model(path, mesh=None, rules=DEFAULT_RULES, dtype: str | None = None) -
     # As in save_model: bytes in flight capped at the largest array, not the whole model.
     largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
     handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=max(1, math.ceil(largest / 1e9)))
+    check_stored_shapes(path, target)
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
     return ocp.Checkpointer(handler).restore(path / PARAMS, args=args), cfg
+
+
+def check_stored_shapes(path, target) -> None:
+    """The model_config.json must describe the stored tensors (an edited one would otherwise fail
+    inside Orbax naming no parameter): name each parameter that differs, with both shapes."""
+    from vflan_jax.convert.errors import ConversionError
+    stored = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path) / PARAMS)
+
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in keys): leaf
+                for keys, leaf in jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))[0]}
+    have, want = flat(stored), flat(target)
+    problems = [f"{name}: config implies {list(want[name].shape)}, stored {list(have[name].shape)}"
+                for name in sorted(want) if name in have and tuple(have[name].shape) != tuple(want[name].shape)]
+    problems += [f"{name}: in the config's model, not stored" for name in sorted(set(want) - set(have))]
+    problems += [f"{name}: stored, not in the config's model" for name in sorted(set(have) - set(want))]
+    if problems:
+        raise ConversionError(f"{epath.Path(path) / CONFIG} disagrees with the tensors in {epath.Path(path) / PARAMS}: "
+                              + "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
 
 
 def tokenizer_dir(path) -> epath.Path | None:

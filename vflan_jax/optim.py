@@ -20,7 +20,11 @@ GROUP_PATTERNS = {
     "vision_tower": r"^vision_tower/",
     "projector": r"^multi_modal_projector/",
     "llm": r"^language_model/",
+    "lora": r"/lora_[ab]$",
 }
+# With LoRA adapters (models/lora.py) the LLM trains through them only, as in LLaVA's LoRA recipe:
+# "llm" then means its adapters, and no pattern can make an adapted (or quantized) base trainable.
+_ADAPTER = re.compile(GROUP_PATTERNS["lora"])
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -53,6 +57,9 @@ def trainable_mask(params: Mapping, trainable) -> dict[tuple[str, ...], bool]:
     """Flat {path: is_trainable}; raises when a pattern matches nothing (a typo would otherwise
     silently freeze the model)."""
     flat = traverse_util.flatten_dict(params)
+    adapted = {p[:-1] for p in flat if _ADAPTER.search(path_name(p))}
+    if adapted:
+        trainable = tuple("lora" if t == "llm" else t for t in ((trainable,) if isinstance(trainable, str) else trainable))
     patterns = _patterns(trainable)
     for pattern in patterns:
         try:
@@ -61,7 +68,8 @@ def trainable_mask(params: Mapping, trainable) -> dict[tuple[str, ...], bool]:
             raise ValueError(f"optim.trainable: {pattern!r} is not a valid regex ({e})") from None
         if not any(compiled.search(path_name(p)) for p in flat):
             raise ValueError(f"optim.trainable: {pattern!r} matches no parameter; groups are {sorted(GROUP_PATTERNS)}")
-    return {p: any(re.search(pattern, path_name(p)) for pattern in patterns) for p in flat}
+    frozen_base = {p for p in flat if p[:-1] in adapted and not _ADAPTER.search(path_name(p))}
+    return {p: p not in frozen_base and any(re.search(pattern, path_name(p)) for pattern in patterns) for p in flat}
 
 
 def split(params: Mapping, mask: Mapping[tuple[str, ...], bool]) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the recipe configs in configs/ (recipe §4), so that each config file
+"""Building blocks shared by the recipe configs in configs/ (docs/REFERENCE.md §4), so that each config file
 says only what its experiment changes.
 """
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 from vflan_jax.data.pipeline import source_config
 from vflan_jax.train_config import base_config
 
-VISION_FLAN_INSTANCES = 1_664_261     # the 187-task release, recipe §2.4
-LLAVA_PRETRAIN_INSTANCES = 558_128    # LCS-558K (recipe §4.1; count from memory, recipe §7.6)
+VISION_FLAN_INSTANCES = 1_664_261     # the 187-task release, docs/REFERENCE.md §2.4
+LLAVA_PRETRAIN_INSTANCES = 558_128    # LCS-558K (docs/REFERENCE.md §4.1; count from memory, docs/REFERENCE.md §7.6)
 SIZES = ("7b", "13b")
 
 
@@ -33,7 +33,7 @@ def steps(num_examples: int, global_batch: int, epochs: float = 1.0) -> int:
 
 
 def llava15_finetune(size: str):
-    """LLaVA-1.5 visual instruction tuning settings (recipe §4.2/4.3), the base of both Vision-Flan stages:
+    """LLaVA-1.5 visual instruction tuning settings (docs/REFERENCE.md §4.2/4.3), the base of both Vision-Flan stages:
     projector + LLM trainable, tower frozen, AdamW(0.9, 0.999, 1e-8), wd 0, clip 1.0, cosine with
     3% warmup, max_length 2048, vicuna_v1 template, 'pad' images, bf16 compute with float32 master
     weights. One example per row (pad-to-longest, as LLaVA) so that a step sees exactly
@@ -56,6 +56,25 @@ def llava15_finetune(size: str):
     c.data.num_workers = 8
     c.log_every_steps = 10
     c.checkpoint_every_steps = 1000
+    return c
+
+
+def use_lora(c, enabled: str = "1", quantize: str = "none", rank: int = 128, alpha: float = 256.0,
+             learning_rate: float = 2e-4, projector_learning_rate: float | None = 2e-5):
+    """LoRA instead of full tuning of the LLM (config arguments lora=1[,quantize=int8|nf4]). Defaults:
+    LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh: rank 128, alpha 256, lr 2e-4, projector
+    lr 2e-5; its lora_dropout 0.05 is not implemented, so 0 here); the projector stays fully trained,
+    the tower and base LLM frozen."""
+    if enabled not in ("0", "1"):
+        raise ValueError(f"config argument lora={enabled!r}: use 0 or 1")
+    if enabled == "0":
+        if quantize != "none":
+            raise ValueError(f"config argument quantize={quantize!r} needs lora=1")
+        return c
+    c.lora.rank, c.lora.alpha, c.lora.quantize = rank, alpha, quantize
+    c.optim.learning_rate = learning_rate
+    c.optim.projector_learning_rate = projector_learning_rate
+    c.optim.trainable = ("projector", "llm")   # with adapters, "llm" trains the adapters only (optim.py)
     return c
 
 

@@ -6,12 +6,19 @@ the one an uninterrupted run gives. `--config.init_from=PATH` starts from a mode
 (ours, an HF LLaVA directory, or a finished workdir) with a fresh optimizer; it is ignored
 once W holds a checkpoint.
 
-W receives: metrics.jsonl, tensorboard/, checkpoints/, config.json, model_config.json and,
-at the end, model/ (params-only checkpoint + tokenizer: init_from for the next stage),
-loss_curve.png and summary.json.
+W receives: metrics.jsonl, tensorboard/, checkpoints/, config.json, model_config.json, train.log
+(every log record, libraries' INFO included; the console shows vflan_jax's lines, all of them
+with --verbosity=1) and, at the end, model/ (params-only checkpoint + tokenizer: init_from for
+the next stage; written atomically), loss_curve.png and summary.json. Rerunning a finished run
+says so and changes nothing. Paths may be relative to the working directory.
 
-Exit status: 0 finished; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGINT after saving a checkpoint
-(rerun to resume); 1 error, including a non-finite loss with config.nonfinite='stop'.
+Exit status (vflan_jax/cli.py): 0 finished; 2 bad input found while setting up (a config field, a
+missing file), one line; 75 (EX_TEMPFAIL) stopped by SIGTERM/SIGINT after saving a checkpoint
+(rerun to resume; also on a second signal, which exits without saving); 2 also for data that
+yields (almost) no usable record (data.max_skip_fraction); 1 other errors, including a non-finite
+loss with config.nonfinite='stop', a checkpoint save that fails or stalls (checkpoint_timeout_s;
+the message names the folder), a broken newest checkpoint with resume_fallback=False, and no exit
+within stop_timeout_s of a signal.
 """
 from __future__ import annotations
 
@@ -19,26 +26,28 @@ import json
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vflan_jax import optim, parallel, train_config
-from vflan_jax.checkpoint import TrainCheckpointer, write_json
+from vflan_jax import cli, parallel, train_config
+from vflan_jax.checkpoint import CheckpointError, TrainCheckpointer, write_json
 from vflan_jax.data.pipeline import build_train_pipeline, device_part, skips_of
-from vflan_jax.data.skips import SkipCounter
+from vflan_jax.data.skips import SkipCounter, TooManySkips
 from vflan_jax.flops import train_step_flops
-from vflan_jax.heldout_eval import ExampleEvaluator, make_eval_fn
+from vflan_jax.heldout_eval import build_evaluators, make_eval_fn
 from vflan_jax.metrics import MetricsWriter, ProgressLine, device_peak_tflops, plot_loss_curve
 from vflan_jax.models.llava import LlavaForConditionalGeneration
-from vflan_jax.train_step import TrainState, make_train_step
+from vflan_jax.train_program import build_program, describe_parameters
 
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = cli.EXIT_PREEMPTED
+SUMMARY = "summary.json"
+LOG_FILE = "train.log"  # every log record of the run, libraries' included (the console shows vflan_jax's)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
@@ -49,16 +58,31 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT finish the current step, then the loop saves and exits."""
+    """SIGTERM/SIGINT finish the current step, then the loop saves and exits.
 
-    def __init__(self):
+    A signal must always end the process, also when the step or the save never finishes: a
+    second signal exits at once (status 75, the previous checkpoint stays the resume point),
+    and `timeout_s` after the first one a watchdog exits with status 1."""
+
+    def __init__(self, timeout_s: float | None = None):
         self.received = None
+        self.timeout_s = timeout_s
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        logging.warning("%s received: finishing this step, then saving", self.received)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            exit_now(f"second signal ({name}): exiting without saving; a rerun resumes from the newest "
+                     "checkpoint", EXIT_PREEMPTED)
+        self.received = name
+        logging.warning("%s received: finishing this step, then saving (send it again to exit at once)", name)
+        if self.timeout_s:
+            watchdog = threading.Timer(self.timeout_s, exit_now, args=(
+                f"still running {self.timeout_s:g} s after {name} (config stop_timeout_s): exiting; a rerun "
+                "resumes from the newest checkpoint", 1))
+            watchdog.daemon = True
+            watchdog.start()
 
     def should_stop(self) -> bool:
         flag = self.received is not None
@@ -66,6 +90,19 @@ class StopSignal:
             from jax.experimental import multihost_utils
             flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
         return flag
+
+
+def resolve_config_paths(cfg) -> None:
+    """Every path the config names, made absolute once here (URLs kept): the data workers, Orbax
+    and the saved config.json then never depend on the directory the command ran in."""
+    with cfg.unlocked():
+        for source in list(cfg.data.sources.values()) + list(cfg.eval_data.values()):
+            source.paths = tuple(cli.resolve_path(p) for p in source.paths)
+            source.image_folder = cli.resolve_path(source.image_folder)
+            if source.get("prepared"):
+                source.prepared = cli.resolve_path(source.prepared)
+        cfg.tokenizer = cli.resolve_path(cfg.tokenizer)
+        cfg.init_from = cli.resolve_path(cfg.init_from)
 
 
 def prepare_inputs(cfg, workdir):
@@ -81,6 +118,7 @@ def prepare_inputs(cfg, workdir):
             multihost_utils.sync_global_devices("synthetic suite written")
         suite = write_task_suite(root, instances_per_task=cfg.synthetic_instances_per_task)
         train_config.substitute_paths(cfg, {"synthetic": suite.root})
+    resolve_config_paths(cfg)
     init = cfg.init_from
     if init and os.path.isdir(train_config.workdir_model_path(init)):
         init = train_config.workdir_model_path(init)
@@ -102,22 +140,64 @@ def load_tokenizer(cfg, init_path, init_tokenizer_dir):
     return AutoTokenizer.from_pretrained(path), path
 
 
+def exit_now(message: str, status: int) -> None:
+    """Log, flush and end the process even if Orbax/Grain threads are stuck (they would block the
+    interpreter's normal exit, which joins them)."""
+    logging.error("%s", message, extra=cli.FILE_ONLY)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    os._exit(status)
+
+
+_PHASE = {"training": False}  # before the first step, a ValueError/FileNotFoundError is the input's fault
+
+
 def main(argv):
+    """Exit status 2 with one line for bad input found while setting up (the traceback goes to train.log)."""
+    try:
+        train(argv)
+    except CheckpointError as e:   # a failed or stalled save, an unusable checkpoint
+        logging.error("checkpoint failure", exc_info=True, extra=cli.FILE_ONLY)
+        exit_now(str(e), 1)
+    except TooManySkips as e:      # the data is (mostly) unusable: bad input, not a transient error
+        exit_now(str(e), cli.EXIT_BAD_INPUT)
+    except (ValueError, FileNotFoundError) as e:
+        if _PHASE["training"]:
+            raise
+        logging.error("bad input", exc_info=True, extra=cli.FILE_ONLY)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(cli.EXIT_BAD_INPUT) from None
+
+
+def train(argv):
     del argv
-    cfg, workdir = _CONFIG.value, _WORKDIR.value
+    cfg, workdir = _CONFIG.value, cli.resolve_path(_WORKDIR.value)
     if not workdir:
         raise app.UsageError("--workdir is required")
-    logging.getLogger().setLevel(logging.INFO)
+    cli.route_logging(verbose=flags.FLAGS.verbosity >= 1, keep_for_file=not cli.is_url(workdir))
     if cfg.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir.format(workdir=workdir))
+        jax.config.update("jax_compilation_cache_dir",
+                          cli.resolve_path(cfg.compilation_cache_dir.format(workdir=workdir)))
     parallel.initialize_distributed()
     is_main = jax.process_index() == 0
+    if not cli.is_url(workdir):  # library INFO (Orbax, JAX) lands here, not on the console
+        cli.log_to_file(os.path.join(workdir, LOG_FILE if is_main else f"train.{jax.process_index()}.log"))
     init_path = prepare_inputs(cfg, workdir)
     train_config.validate(cfg, jax.device_count(), jax.process_count())
     mesh = parallel.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
     rules = parallel.DEFAULT_RULES
-    ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.max_checkpoints_to_keep, async_save=cfg.async_checkpointing)
+    ckpt = TrainCheckpointer(workdir, max_to_keep=cfg.max_checkpoints_to_keep, async_save=cfg.async_checkpointing,
+                             timeout_s=cfg.checkpoint_timeout_s)
     resume_step = ckpt.latest_step()
+    done = finished_summary(workdir, cfg.total_steps, resume_step)
+    if done is not None:
+        if is_main:
+            print(f"{workdir} holds a finished run ({done['steps']} steps, model in {done['model']}): nothing to do. "
+                  "Use a new --workdir to train again, or raise --config.total_steps to continue.")
+        ckpt.close()
+        return
 
     # --- model and parameters -------------------------------------------------------------
     # On resume the workdir has everything: init_from is not read again.
@@ -133,6 +213,9 @@ def main(argv):
     model_cfg = train_config.model_config(cfg, init_model_cfg)
     if init_model_cfg is not None:
         train_config.check_init_shapes(model_cfg, init_model_cfg, init_path or workdir)
+    if init_params is not None:   # LoRA: fresh adapters beside init_from's (merged, quantized) base
+        from vflan_jax.models.lora_params import for_model
+        init_params = for_model(init_params, init_model_cfg, model_cfg, seed=cfg.seed)
     model = LlavaForConditionalGeneration(model_cfg)
     tokenizer, tokenizer_dir = load_tokenizer(cfg, init_path, init_tokenizer_dir)
     if len(tokenizer) > model_cfg.text.vocab_size:
@@ -144,48 +227,28 @@ def main(argv):
     dataset, info = build_train_pipeline(
         cfg.data, tokenizer, image_token_id=model_cfg.image_token_id, tokens_per_image=model_cfg.tokens_per_image,
         image_size=model_cfg.vision.image_size, per_host_batch_size=per_host_batch, seed=cfg.seed)
-    data_iter = iter(dataset)
-    if is_main:
-        logging.info("task mixture:\n%s", info.mixture.table())
+    data_iter = iter(dataset)  # (the pipeline has logged the task-mixture table)
 
     # --- optimizer and state ---------------------------------------------------------------
-    boxed = parallel.abstract_params(model_cfg)
-    shardings = parallel.param_shardings(boxed, mesh, rules)
-    abstract_params = parallel.strip_boxes(boxed)
-    mask = optim.trainable_mask(abstract_params, tuple(cfg.optim.trainable))
-    abstract_trainable, _ = optim.split(abstract_params, mask)
-    optimizer, schedules = optim.make_optimizer(cfg.optim, abstract_trainable, cfg.total_steps)
+    # Shardings derived from the parameters' (moments in their parameter's shards), explicit on both
+    # programs; the first train step's compile is the fit check (DoesNotFit names the fields to change).
+    program = build_program(cfg, model_cfg, mesh, num_tasks=len(info.task_names), rules=rules)
+    mask, schedules = program.mask, program.schedules
     if is_main:
-        logging.info("parameters: %s", json.dumps(optim.describe(mask, abstract_params)))
-
-    def create_state(params):
-        trainable, _ = optim.split(params, mask)
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(trainable),
-                          jax.random.key_data(jax.random.key(cfg.seed)))
-
-    abstract_sharded = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    abstract_params, shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        # Compiling (not running) the state constructor tells where optimizer moments live:
-        # GSPMD gives each the sharding of its parameter.
-        compiled_create = jax.jit(create_state).lower(abstract_sharded).compile()
-        state_shardings = compiled_create.output_shardings
-        if resume_step is not None:
-            abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                          jax.eval_shape(create_state, abstract_params), state_shardings)
-            state, meta = ckpt.restore(resume_step, abstract_state, data_iter)
-            skipped = SkipCounter.from_dict(meta["skipped"])
-            logging.info("resumed from step %d", resume_step)
-        else:
-            if init_params is None:
-                init_params, _ = parallel.init_params(model_cfg, mesh, rules, seed=cfg.seed)
-            state = compiled_create(init_params)
-            del init_params
-            skipped = SkipCounter()
-        train_step = jax.jit(
-            make_train_step(model, optimizer, lambda p: optim.split(p, mask), num_tasks=len(info.task_names),
-                            grad_accum_steps=cfg.grad_accum_steps),
-            in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
+        logging.info("parameters: %s", describe_parameters(program))
+    if resume_step is not None:
+        # The newest step that reads back whole; a broken one is named and moved aside (or stops the run).
+        resume_step, state, meta = ckpt.restore_newest(program.abstract_state, data_iter,
+                                                       fallback=cfg.resume_fallback)
+        skipped = SkipCounter.from_dict(meta["skipped"])
+        logging.info("resumed from step %d", resume_step)
+    else:
+        if init_params is None:
+            init_params, _ = parallel.init_params(model_cfg, mesh, rules, seed=cfg.seed)
+        state = program.create_state(init_params)
+        del init_params
+        skipped = SkipCounter().merge(info.skipped)   # records rejected while reading the files
+    train_step = program.train_step
 
     # --- evaluation on held-out tasks (and a validation split when the config names one) ----
     evaluators = build_evaluators(cfg, info, tokenizer, model_cfg)
@@ -210,7 +273,7 @@ def main(argv):
             f.write(model_cfg.to_json())
     progress = ProgressLine(cfg.total_steps, start_step)
     peak = device_peak_tflops()
-    stop = StopSignal()
+    stop = StopSignal(cfg.stop_timeout_s)
     llm_trainable = any(v for p, v in mask.items() if p[0] == "language_model")
     proj_trainable = any(v for p, v in mask.items() if p[0] == "multi_modal_projector")
     window = []  # (step, metrics on device, host stats) since the last log line
@@ -226,6 +289,7 @@ def main(argv):
                 raise NonFiniteLoss(message + " (update not applied; set nonfinite='skip' to go on)")
             logging.warning("%s: update skipped", message)
 
+    _PHASE["training"] = True
     try:
         while step < cfg.total_steps:
             try:
@@ -256,7 +320,7 @@ def main(argv):
                 if is_main:
                     print(progress.line(step, values), flush=True)
             if step % cfg.checkpoint_every_steps == 0 and step < cfg.total_steps:
-                ckpt.save(step, state, data_iter, {"skipped": skipped.as_dict(), "step": step})
+                ckpt.save(step, state, data_iter, {"skipped": skipped.state(), "step": step})
             if stop.should_stop():
                 status = "preempted"
                 break
@@ -267,7 +331,7 @@ def main(argv):
         logging.error("%s", e)
         raise SystemExit(1) from None
     if ckpt.latest_step() != step:
-        ckpt.save(step, state, data_iter, {"skipped": skipped.as_dict(), "step": step})
+        ckpt.save(step, state, data_iter, {"skipped": skipped.state(), "step": step})
     ckpt.wait()
     if status == "preempted":
         logging.warning("stopped at step %d by %s; checkpoint saved; rerun the same command to resume",
@@ -326,43 +390,6 @@ def summarize_window(window, elapsed, step, schedules, task_names, skipped, mode
     return values
 
 
-def build_evaluators(cfg, info, tokenizer, model_cfg) -> dict[str, ExampleEvaluator]:
-    """'heldout': the mixture's held-out tasks; one more per config.eval_data entry
-    (none when eval_max_examples is 0)."""
-    if not cfg.eval_max_examples:
-        return {}
-    from vflan_jax.data.sources import read_examples
-    splits = {"heldout": list(info.mixture.heldout_examples)}
-    folders = {}
-    for sel in info.mixture.sources:
-        for p in sel.spec.paths:
-            folders[os.fspath(p)] = sel.spec.image_folder
-    for name, source in cfg.eval_data.items():
-        splits[name] = []
-        for p in source.paths:
-            splits[name] += read_examples(p, format=source.format, default_task=source.default_task)
-            folders[os.fspath(p)] = source.image_folder
-    decode_kwargs = dict(tokenizer=tokenizer, template=cfg.data.template, image_folders=folders,
-                         max_length=cfg.data.max_length, tokens_per_image=model_cfg.tokens_per_image,
-                         image_size=model_cfg.vision.image_size, image_aspect=cfg.data.image_aspect)
-    layout_kwargs = dict(max_length=cfg.data.max_length, max_images_per_row=1, tokens_per_image=model_cfg.tokens_per_image,
-                         image_shape=(3, model_cfg.vision.image_size, model_cfg.vision.image_size),
-                         image_token_id=model_cfg.image_token_id, pad_id=tokenizer.pad_token_id or 0)
-    batch = max(jax.device_count(), min(cfg.global_batch_size, 32))
-    batch -= batch % jax.device_count()
-    evaluators = {}
-    for name, examples in splits.items():
-        by_task = {}
-        for ex in examples:
-            by_task.setdefault(ex.task_name, []).append(ex)
-        if not by_task:
-            continue
-        per_task = max(1, cfg.eval_max_examples // len(by_task))  # every task equally represented
-        chosen = [ex for task in sorted(by_task) for ex in by_task[task][:per_task]]
-        evaluators[name] = ExampleEvaluator(chosen, decode_kwargs, layout_kwargs, batch, answer_pool=examples)
-    return evaluators
-
-
 def run_evaluators(evaluators, eval_fn, params, to_device) -> dict:
     out = {}
     for name, evaluator in evaluators.items():
@@ -372,24 +399,35 @@ def run_evaluators(evaluators, eval_fn, params, to_device) -> dict:
     return out
 
 
+def finished_summary(workdir: str, total_steps: int, latest_step: int | None) -> dict | None:
+    """summary.json of a run that finished at this total_steps (it is written last), else None."""
+    path = os.path.join(workdir, SUMMARY)
+    if latest_step is None or not os.path.exists(path) or not os.path.isdir(train_config.workdir_model_path(workdir)):
+        return None
+    summary = _read_json(path)
+    return summary if (summary.get("steps"), summary.get("total_steps")) == (latest_step, total_steps) else None
+
+
 def finish(cfg, workdir, state, model_cfg, tokenizer_dir, evaluators, eval_fn, to_device, writer, skipped, step, is_main):
     """Final evaluation, params-only model checkpoint for the next stage, plot and summary."""
-    from vflan_jax.model_checkpoint import save_model
+    from vflan_jax.model_checkpoint import save_model_atomically
     final_eval = run_evaluators(evaluators, eval_fn, state.params, to_device) if evaluators else {}
     if final_eval:
         record = {"eval": final_eval}
         writer.write(step, record)
-    save_model(train_config.workdir_model_path(workdir), state.params, model_cfg, tokenizer_dir=tokenizer_dir)
+    # Atomic: a kill leaves no half-written model/, and the rerun (it resumes at the final step) lands here again.
+    save_model_atomically(train_config.workdir_model_path(workdir), state.params, model_cfg,
+                          tokenizer_dir=tokenizer_dir, replace=True)
     writer.close()
     if not is_main:
         return
     from vflan_jax.metrics import read_metrics
     records = [r for r in read_metrics(writer.path) if "loss" in r]
-    summary = {"steps": step, "first_loss": records[0]["loss"] if records else None,
+    summary = {"steps": step, "total_steps": cfg.total_steps, "first_loss": records[0]["loss"] if records else None,
                "final_loss": records[-1]["loss"] if records else None, "skipped": skipped.as_dict(),
                "eval": {k: v for k, v in final_eval.items() if not k.endswith("per_task")},
                "model": train_config.workdir_model_path(workdir)}
-    write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, SUMMARY), summary)
     plot_loss_curve(writer.path, os.path.join(workdir, "loss_curve.png"))
     print(f"\ntrained {step} steps: loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if records else "")
     for name in evaluators:
@@ -397,8 +435,8 @@ def finish(cfg, workdir, state, model_cfg, tokenizer_dir, evaluators, eval_fn, t
               f"(chance {final_eval[f'{name}_chance']:.3f}) over {final_eval[f'{name}_examples']} examples")
         for task, r in final_eval[f"{name}_per_task"].items():
             print(f"  {task:40s} {r['accuracy']:.3f} (chance {r['chance']:.3f}, n={r['n']})")
-    if skipped.total:
-        print("skipped records:\n" + skipped.report())
+    if skipped.total or skipped.truncated_by_task:
+        print(skipped.report())
     print(f"model for the next stage: {summary['model']}\nloss curve: {os.path.join(workdir, 'loss_curve.png')}")
 
 

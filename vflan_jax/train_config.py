@@ -6,6 +6,7 @@ Every config in configs/ starts from `base_config()` and changes what its recipe
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import ml_collections
@@ -13,6 +14,7 @@ from ml_collections import config_dict
 
 from vflan_jax.data.pipeline import default_data_config, validate_data_config
 from vflan_jax.models.config import ModelConfig, get_preset
+from vflan_jax.models.lora import default_lora_config, lora_config_from
 from vflan_jax.optim import default_optim_config
 
 NONFINITE = ("stop", "skip")
@@ -26,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 500
     c.max_checkpoints_to_keep = 2
     c.async_checkpointing = True
+    c.checkpoint_timeout_s = 1800.0  # a save (or waiting for one) taking longer fails the run, naming the folder
+    c.resume_fallback = True        # a broken newest checkpoint: resume from the newest intact one (False: stop)
+    c.stop_timeout_s = 600.0        # after SIGTERM/SIGINT, exit (status 1) if saving has not ended by then
     c.global_batch_size = 128
     c.grad_accum_steps = 1
     c.nonfinite = "stop"            # "stop": end the run naming the step and records; "skip": drop the update
@@ -45,11 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "full"
-    c.model.attention_impl = "xla"
+    c.model.attention_impl = "auto"    # models/attention.py: TPU splash, GPU cudnn, CPU blockwise
+    c.model.loss_chunk_size = 1024     # lm_head + cross-entropy per 1024 tokens (models/losses.py); 0 = full logits
     c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields, e.g. {"text": {"num_layers": 4}}
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.optim = default_optim_config()
+    c.lora = default_lora_config()   # models/lora.py; rank > 0 trains adapters instead of the LLM
     c.data = default_data_config()
     return c
 
@@ -57,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
 def model_config(c: ml_collections.ConfigDict, checkpoint_config: ModelConfig | None = None) -> ModelConfig:
     """The architecture from the preset (or the init_from checkpoint) plus the run's computation settings."""
     compute = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat_policy=c.model.remat_policy,
-                   attention_impl=c.model.attention_impl)
+                   attention_impl=c.model.attention_impl, loss_chunk_size=c.model.loss_chunk_size)
+    compute["text.lora"] = lora_config_from(c.lora)   # "config lora.<field>: ..." on a bad value
     overrides = _flat(c.model.overrides.to_dict()) if c.model.overrides else {}  # -> {"text.num_layers": 4}
     try:
         if c.model.preset == "checkpoint":
@@ -72,8 +80,9 @@ def model_config(c: ml_collections.ConfigDict, checkpoint_config: ModelConfig | 
 def check_init_shapes(configured: ModelConfig, loaded: ModelConfig, source: str) -> None:
     """init_from must have the configured architecture; name every field that differs."""
     arch = lambda m: {k: v for k, v in dataclasses.asdict(m).items()   # noqa: E731
-                      if k not in ("dtype", "param_dtype", "remat_policy", "attention_impl")}
-    a, b = _flat(arch(configured)), _flat(arch(loaded))
+                      if k not in ("dtype", "param_dtype", "remat_policy", "attention_impl", "loss_chunk_size")}
+    a, b = ({k: v for k, v in _flat(arch(m)).items() if not k.startswith("text.lora")}  # adapters: added on load
+            for m in (configured, loaded))
     diff = [f"model.{k}: config {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
     if diff:
         raise ValueError(f"config init_from={source}: the checkpoint's model differs from the configured one: "
@@ -98,6 +107,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
     for field in ("total_steps", "log_every_steps", "checkpoint_every_steps", "global_batch_size", "grad_accum_steps"):
         if not isinstance(c[field], int) or c[field] < 1:
             bad(field, f"must be an int >= 1, got {c[field]!r}")
+    for field, value in _flat(c.to_dict()).items():   # nan/inf would only show up later as a "bad batch"
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(field, f"must be finite, got {value}")
+    for field in ("checkpoint_timeout_s", "stop_timeout_s"):
+        if not isinstance(c[field], (int, float)) or c[field] <= 0:
+            bad(field, f"must be > 0 seconds, got {c[field]!r}")
     if c.nonfinite not in NONFINITE:
         bad("nonfinite", f"{c.nonfinite!r} is not one of {NONFINITE}")
     from vflan_jax.parallel import resolve_mesh_shape
@@ -130,7 +146,7 @@ def substitute_paths(c: ml_collections.ConfigDict, values: dict[str, str]) -> No
         return s.format(**values) if isinstance(s, str) and "{" in s else s
     with c.unlocked():
         for source in list(c.data.sources.values()) + list(c.eval_data.values()):
-            source.paths = [fill(p) for p in source.paths]
+            source.paths = tuple(fill(p) for p in source.paths)
             source.image_folder = fill(source.image_folder)
         c.tokenizer = fill(c.tokenizer)
 

@@ -3,6 +3,7 @@ shift), another model does not."""
 import json
 
 from tests.convert.checkpoints import write_llava_hf
+from vflan_jax.cli import EXIT_VERIFY_MISMATCH
 from vflan_jax.convert.__main__ import main
 from vflan_jax.convert.hf_export import export_hf
 
@@ -24,4 +25,4 @@ def test_verify_export_passes_and_other_model_fails(tmp_path, placeholder_checkp
 
     write_llava_hf(tmp_path / "other", nano_cfg, seed=99)
     code, bad = run_verify(capsys, "--checkpoint", ckpt, "--hf_dir", tmp_path / "other")
-    assert code == 1 and not bad["passed"] and bad["rel_l2"] > 0.1 and bad["argmax_agreement"] < 0.9
+    assert code == EXIT_VERIFY_MISMATCH == 3 and not bad["passed"] and bad["rel_l2"] > 0.1 and bad["argmax_agreement"] < 0.9

@@ -1,4 +1,4 @@
-"""Templates rendered exactly as recipe.md §3.1-3.3, and the supervised character spans."""
+"""Templates rendered exactly as docs/REFERENCE.md §3.1-3.3, and the supervised character spans."""
 import pytest
 
 from vflan_jax.data import conversation as conv

@@ -30,7 +30,7 @@ def llava_expand2square(pil_img, background_color):
 @pytest.fixture(scope="module")
 def clip_processor():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    # openai/clip-vit-large-patch14-336 preprocessor_config (recipe §3.7), PIL backend
+    # openai/clip-vit-large-patch14-336 preprocessor_config (docs/REFERENCE.md §3.7), PIL backend
     return CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                  resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073],
                                  image_std=[0.26862954, 0.26130258, 0.27577711])

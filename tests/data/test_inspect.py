@@ -64,5 +64,5 @@ def test_inspect_limit(vflan_sample_dir, synthetic_suite, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(lines) == 5
-    # plain template: BOS, image, caption ... (recipe §3.2)
+    # plain template: BOS, image, caption ... (docs/REFERENCE.md §3.2)
     assert all(l["input_ids"][1] == -200 and l["labels"][:2] == [-100, -100] for l in lines)

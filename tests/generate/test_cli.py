@@ -38,12 +38,12 @@ def checkpoint(tmp_path_factory):
                 cache=str(root / "jax_cache"), params=params, config=cfg)
 
 
-def _run(checkpoint, *args, stdin=None):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=checkpoint["cache"],  # 2nd run reuses the 1st's programs
+def _run(checkpoint, *args):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=checkpoint["cache"],  # reruns reuse the programs
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "vflan_jax.generate", "--checkpoint", checkpoint["ckpt"], "--image",
            checkpoint["image"], "--max_new_tokens", "6", "--json", *args]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -62,9 +62,3 @@ def test_cli_json_equals_the_api_unsharded(checkpoint):
     (expect,) = gen.generate([QUESTION], [checkpoint["image"]], GenerationConfig(max_new_tokens=6))
     assert out == {"text": expect.text, "token_ids": expect.token_ids}
 
-
-def test_cli_interactive_reads_turns_until_exit(checkpoint):
-    outs = _run(checkpoint, "--interactive", stdin=QUESTION + "\n\nIs there a circle?\nexit\nnever\n")
-    assert len(outs) == 2  # the blank line is skipped, nothing after "exit" is answered
-    for out in outs:
-        _check(out, checkpoint["tokenizer"])

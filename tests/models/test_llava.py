@@ -20,7 +20,7 @@ def _count(tree) -> int:
 
 @pytest.mark.parametrize("name,text,projector", [("7b", 6_738_415_616, 20_979_712), ("13b", 13_015_864_320, 31_467_520)])
 def test_presets_have_the_published_parameter_counts(name, text, projector):
-    """Counts from recipe §1 (computed from the HF shapes), evaluated without allocating."""
+    """Counts from docs/REFERENCE.md §1 (computed from the HF shapes), evaluated without allocating."""
     params = abstract_params(get_preset(name))
     assert _count(params["language_model"]) == text
     assert _count(params["multi_modal_projector"]) == projector
@@ -112,6 +112,8 @@ def test_image_token_count_mismatch_is_a_clear_error():
     ({"projector_type": "mlp2x_relu"}, "projector_type='mlp2x_relu'"),
     ({"remat_policy": "some"}, "remat_policy='some'"),
     ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy='cls'"),
+    ({"attention_impl": "flash"}, "attention_impl='flash': use one of auto, xla, splash, cudnn, blockwise"),
+    ({"loss_chunk_size": -1}, "loss_chunk_size=-1"),
 ])
 def test_impossible_model_configs_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -7,7 +7,7 @@ import torch
 
 from tests.models.hf_oracle import build_hf_model, flax_params_from_hf, nano_config, rel_l2
 from vflan_jax.models.clip import CLIPVisionTower
-from vflan_jax.models.llama import LlamaDecoderLayer, attention_mask
+from vflan_jax.models.llama import LlamaDecoderLayer
 from vflan_jax.models.projector import Projector
 
 TOL = 1e-5
@@ -52,8 +52,7 @@ def test_one_decoder_layer_with_rope():
         ref = lm.layers[1](torch.from_numpy(h), attention_mask=causal, position_embeddings=cos_sin,
                            position_ids=torch.from_numpy(positions))
         ref = ref[0] if isinstance(ref, tuple) else ref
-    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
     seg = jnp.ones((b, t), jnp.int32)
     layer = LlamaDecoderLayer(cfg.text, jnp.float32, jnp.float32, "xla")
-    ours, _ = layer.apply({"params": layer_params}, jnp.asarray(h), jnp.asarray(positions), attention_mask(seg, seg, idx, idx))
+    ours, _ = layer.apply({"params": layer_params}, jnp.asarray(h), jnp.asarray(positions), seg)
     assert rel_l2(ours, ref.numpy()) <= TOL

@@ -17,7 +17,7 @@ from vflan_jax.train_step import TrainState, make_train_step
 
 
 def hf_cosine_with_warmup(step, total, warmup_ratio, peak):
-    """transformers get_cosine_schedule_with_warmup (recipe §4.3), written out independently."""
+    """transformers get_cosine_schedule_with_warmup (docs/REFERENCE.md §4.3), written out independently."""
     warm = math.ceil(warmup_ratio * total)
     if step < warm:
         return peak * step / max(1, warm)

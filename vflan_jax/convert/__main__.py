@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_MISMATCH, resolve_path, route_logging
 from vflan_jax.convert.errors import ConversionError
 
 
@@ -23,9 +25,12 @@ def _mesh(text: str):
 def cmd_import(args) -> int:
     from vflan_jax.convert.hf_import import import_params
     from vflan_jax.convert.import_plan import plan_composed, plan_llava_hf
-    from vflan_jax.model_checkpoint import save_model
+    from vflan_jax.model_checkpoint import save_model_atomically
     if args.hf_dir and (args.vision_tower or args.llm or args.projector):
         raise SystemExit("import-hf: give either --hf_dir, or --vision_tower and --llm (and optionally --projector)")
+    from etils import epath
+    if epath.Path(args.out).exists() and not args.overwrite:   # said before any weight is read
+        raise ConversionError(f"--out {args.out} exists, use --overwrite to replace it")
     if args.hf_dir:
         plan = plan_llava_hf(args.hf_dir, args.param_dtype)
     elif args.vision_tower and args.llm:
@@ -34,15 +39,34 @@ def cmd_import(args) -> int:
     else:
         raise SystemExit("import-hf: --hf_dir, or both --vision_tower and --llm, are required")
     params = import_params(plan, _mesh(args.mesh), seed=args.seed)
-    save_model(args.out, params, plan.config, tokenizer_dir=plan.tokenizer_dir, overwrite=args.overwrite)
+    config = plan.config
+    if args.adapter:   # a PEFT LoRA adapter onto the imported base (convert/lora_peft.py)
+        from vflan_jax.convert.lora_peft import import_adapter
+        params, config = import_adapter(args.adapter, params, config)
+    # Atomic (written beside --out, then renamed): a failure leaves no half-written checkpoint behind.
+    save_model_atomically(args.out, params, config, tokenizer_dir=plan.tokenizer_dir, replace=args.overwrite)
     print(json.dumps({"out": args.out, "fresh": list(plan.fresh), "image_token_id": plan.config.image_token_id,
                       "tokenizer": str(plan.tokenizer_dir) if plan.tokenizer_dir else None}))
     return 0
 
 
+def _require_checkpoint(path: str) -> None:
+    from vflan_jax.model_checkpoint import CONFIG, PARAMS, is_model_checkpoint
+    if not is_model_checkpoint(path):
+        raise ConversionError(f"--checkpoint {path}: not a vflan_jax model checkpoint ({CONFIG} + {PARAMS}/ missing)")
+
+
 def cmd_export(args) -> int:
+    _require_checkpoint(args.checkpoint)
+    if args.adapter_only:   # a PEFT adapter directory instead of merged weights (convert/lora_peft.py)
+        from vflan_jax.convert.lora_peft import export_adapter
+        from vflan_jax.model_checkpoint import load_model
+        config = export_adapter(*load_model(args.checkpoint, _mesh(args.mesh)), args.out)
+        print(json.dumps({"out": args.out, "adapter_only": True, "r": config["r"], "lora_alpha": config["lora_alpha"]}))
+        return 0
     from vflan_jax.convert.hf_export import export_hf
-    cfg = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.seed, _mesh(args.mesh))
+    cfg = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.seed, _mesh(args.mesh),
+                    image_aspect=args.image_aspect)
     print(json.dumps({"out": args.out, "image_token_id": cfg["image_token_id"],
                       "vocab_size": cfg["text_config"]["vocab_size"], "dtype": cfg["dtype"]}))
     return 0
@@ -50,9 +74,12 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from vflan_jax.convert.verify import verify
+    _require_checkpoint(args.checkpoint)
+    if not os.path.exists(os.path.join(args.hf_dir, "config.json")):
+        raise ConversionError(f"--hf_dir {args.hf_dir}: no config.json (not a transformers LLaVA directory)")
     result = verify(args.checkpoint, args.hf_dir, args.tolerance, args.batch, args.seq_len, args.seed)
     print(json.dumps(result, indent=2))
-    return 0 if result["passed"] else 1
+    return EXIT_OK if result["passed"] else EXIT_VERIFY_MISMATCH
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--vision_feature_layer", type=int, default=-2, help="for a plain LLaMA --llm")
     imp.add_argument("--seed", type=int, default=0, help="initialisation of a projector no file provides")
     imp.add_argument("--mesh", default="1,-1,1", help=mesh_help)
-    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    imp.add_argument("--adapter", help="PEFT LoRA adapter directory to apply onto the imported model (kept as adapters)")
     imp.set_defaults(run=cmd_import)
 
     exp = sub.add_parser("export-hf", help="vflan_jax model checkpoint -> transformers LLaVA directory")
@@ -82,7 +110,12 @@ def parser() -> argparse.ArgumentParser:
                      help="of the written tensors (default: the checkpoint's param_dtype)")
     exp.add_argument("--max_shard_size", default="5GB", help="e.g. 5GB, 500MB; above it: sharded files + index")
     exp.add_argument("--seed", type=int, default=0, help="sampling of the rows added for <image>/<pad>")
+    from vflan_jax.data.image import ASPECTS
+    exp.add_argument("--image_aspect", default="pad", choices=ASPECTS,
+                     help="how the exported processor fits images: pad (LLaVA-1.5 finetune/eval) or square")
     exp.add_argument("--mesh", default="1,-1,1", help=mesh_help)
+    exp.add_argument("--adapter_only", action="store_true",
+                     help="LoRA checkpoint: write a PEFT adapter directory, not merged full weights")
     exp.set_defaults(run=cmd_export)
 
     ver = sub.add_parser("verify", help="compare logits of a model checkpoint and a transformers directory")
@@ -96,13 +129,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+PATH_ARGS = ("hf_dir", "vision_tower", "llm", "projector", "out", "checkpoint", "adapter")
+
+
 def main(argv=None) -> int:
+    """Exit status per vflan_jax/cli.py: 0 ok, 2 bad input (one line), 3 verify mismatch, 1 failure."""
     args = parser().parse_args(argv)
+    for name in PATH_ARGS:
+        if hasattr(args, name):
+            setattr(args, name, resolve_path(getattr(args, name)))
+    route_logging()
     try:
         return args.run(args)
-    except ConversionError as e:
+    except (ConversionError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """vflan_jax model checkpoint -> a directory that transformers loads:
 
-    LlavaForConditionalGeneration.from_pretrained(D); AutoTokenizer.from_pretrained(D)
+    LlavaForConditionalGeneration.from_pretrained(D); AutoProcessor.from_pretrained(D)
 
 Writes config.json, generation_config.json, safetensors (sharded with an index above
---max_shard_size), and the tokenizer. A model that uses LLaVA's image placeholder -200 gets a
-real "<image>" token first (convert/image_token.py, recipe §6.3).
+--max_shard_size), the tokenizer and the processor (image processor settings, image-token
+expansion, chat template: convert/hf_processor.py). A model that uses LLaVA's image placeholder
+-200 gets a real "<image>" token first (convert/image_token.py, docs/REFERENCE.md §6.3).
 
 Tensor names: the llava-hf hub layout (`language_model.model.*`, `language_model.lm_head.weight`,
 `vision_tower.vision_model.*`, `multi_modal_projector.*`). transformers 4.36-4.51 load it
-natively and 4.52+/5.x map it onto their in-memory names (recipe §6.2); the >= 4.52 in-memory
+natively and 4.52+/5.x map it onto their in-memory names (docs/REFERENCE.md §6.2); the >= 4.52 in-memory
 names would not load in 4.51 and older, and the bare `vision_tower.*` names that 5.x itself
 writes not in 4.x either.
 """
@@ -25,12 +26,14 @@ import numpy as np
 
 from vflan_jax.convert import layout as L
 from vflan_jax.convert.hf_config import model_config_to_hf
+from vflan_jax.convert.hf_processor import build_processor
 from vflan_jax.convert.image_token import VocabExtension, add_image_tokens, sample_new_rows
 from vflan_jax.convert.import_plan import expected_shapes, torch_shape
 from vflan_jax.convert.safetensors_writer import write_safetensors
 from vflan_jax.convert.tensors import flatten
 from vflan_jax.model_checkpoint import load_model, load_tokenizer
 from vflan_jax.models.config import ModelConfig
+from vflan_jax.models.lora_params import merged
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 _HUB_NAMES = (  # canonical (>= 4.52 in-memory) -> llava-hf hub names
@@ -74,10 +77,11 @@ def _torch_layout_param(params_flat, path, layer: int | None, kind: str) -> np.n
 
 
 def export_hf(checkpoint, out_dir, dtype: str | None = None, max_shard_size: str | int = "5GB", seed: int = 0,
-              mesh=None, progress: bool = True) -> dict:
-    """Returns the written config.json dict."""
+              mesh=None, progress: bool = True, image_aspect: str = "pad") -> dict:
+    """Returns the written config.json dict. image_aspect: how the exported processor fits an
+    image into the tower's square ("pad", LLaVA-1.5's finetuning/eval; "square", pretraining)."""
     out_dir = pathlib.Path(out_dir)
-    params, cfg = load_model(checkpoint, mesh)
+    params, cfg = merged(*load_model(checkpoint, mesh))   # LoRA adapters folded into their kernels
     dtype = dtype or cfg.param_dtype
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {EXPORT_DTYPES}")
@@ -86,6 +90,7 @@ def export_hf(checkpoint, out_dir, dtype: str | None = None, max_shard_size: str
     in_vocab = 0 <= cfg.image_token_id < cfg.text.vocab_size
     ext = None if in_vocab else add_image_tokens(tokenizer, cfg.text.vocab_size)
     out_cfg = exported_config(cfg, ext)
+    processor = None if tokenizer is None else build_processor(tokenizer, out_cfg, image_aspect)  # checks first
 
     flat = flatten(params)
     shapes = expected_shapes(out_cfg)
@@ -113,6 +118,9 @@ def export_hf(checkpoint, out_dir, dtype: str | None = None, max_shard_size: str
     generation = {"_from_model_config": True, "bos_token_id": t.bos_token_id, "eos_token_id": t.eos_token_id,
                   "pad_token_id": t.pad_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
+    if processor is not None:
+        processor.save_pretrained(str(out_dir))  # the tokenizer (with the chat template) and the processor files
+        processor.image_processor.save_pretrained(str(out_dir))  # preprocessor_config.json, as transformers 4.x reads
+    elif tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return hf_config

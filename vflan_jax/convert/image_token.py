@@ -1,7 +1,7 @@
 """Give LLaVA's out-of-vocabulary image placeholder a vocabulary entry, as llava-hf does.
 
 vflan_jax (like original LLaVA) marks image slots with id -200, which is no vocabulary entry
-(recipe §1.4). transformers' LLaVA needs a real token instead (recipe §6.3, following
+(docs/REFERENCE.md §1.4). transformers' LLaVA needs a real token instead (docs/REFERENCE.md §6.3, following
 transformers' convert_llava_weights_to_hf.py):
   * "<image>" is added to the tokenizer as a special token (id = old vocab size) and "<pad>"
     as the pad token (id = old vocab size + 1);

@@ -3,7 +3,7 @@ which checkpoint file(s) it is built from. Planning reads only config.json files
 safetensors headers, and checks everything (missing, unexpected and mis-shaped tensors)
 before a single weight is read.
 
-Two kinds of source (recipe §6.2-6.3):
+Two kinds of source (docs/REFERENCE.md §6.2-6.3):
   * a transformers LlavaForConditionalGeneration directory, any key layout (layout.canonical_key);
   * a composition: CLIP (CLIPModel or CLIPVisionModel dir) + LLaMA/Vicuna (LlamaForCausalLM) or an
     original LLaVA LlavaLlamaForCausalLM dir (LLM + mm_projector) + optionally LLaVA's stage-1

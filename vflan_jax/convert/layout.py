@@ -1,7 +1,7 @@
 """One table that says where every vflan_jax parameter lives in a transformers LLaVA checkpoint.
 
 Import and export both read it, so the two directions cannot drift apart. Names are the
-canonical transformers >= 4.52 in-memory names (recipe §6.2); `canonical_key` maps the other
+canonical transformers >= 4.52 in-memory names (docs/REFERENCE.md §6.2); `canonical_key` maps the other
 layouts (<= 4.51 / hub llava-hf, the on-disk layout of v5 save_pretrained, `vision_model.`
 prefixes) onto them.
 """

@@ -1,4 +1,4 @@
-"""Conversation templates, exactly as LLaVA-1.5 renders them (recipe.md §3.1-3.3).
+"""Conversation templates, exactly as LLaVA-1.5 renders them (docs/REFERENCE.md §3.1-3.3).
 
 `render_with_spans` returns the training string together with the character spans
 (start, end) of every supervised segment, so tokenization can derive labels by

@@ -1,4 +1,4 @@
-"""Image file -> CLIP pixels float32 [3, S, S], exactly as LLaVA-1.5 (recipe §3.7).
+"""Image file -> CLIP pixels float32 [3, S, S], exactly as LLaVA-1.5 (docs/REFERENCE.md §3.7).
 
 `pad` (LLaVA finetune/eval): expand2square onto fill (122, 116, 104) at ((S-w)//2, (S-h)//2),
 then PIL BICUBIC resize to SxS.  `square` (LLaVA pretraining): shortest edge -> S (long side

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from vflan_jax.cli import EXIT_BAD_INPUT, is_url, resolve_path, route_logging
 from vflan_jax.data import image, sources, tokenize
 from vflan_jax.data.skips import BadRecord, SkipCounter
 
@@ -139,6 +140,18 @@ def main(argv=None) -> int:
     p.add_argument("--default_task", help="task name for files without task_name")
     p.add_argument("--show", type=int, default=3, help="records printed to the terminal")
     args = p.parse_args(argv)
+    args.data = [resolve_path(d) for d in args.data]
+    args.image_folder, args.tokenizer, args.out, args.pixels_out = (
+        resolve_path(x) for x in (args.image_folder, args.tokenizer, args.out, args.pixels_out))
+    route_logging()
+    problem = next((f"--data {d}: file not found" for d in args.data if not is_url(d) and not os.path.isfile(d)), None)
+    if problem is None and not is_url(args.image_folder) and not os.path.isdir(args.image_folder):
+        problem = f"--image_folder {args.image_folder}: no such directory"
+    if problem is None and not os.path.isdir(args.tokenizer):
+        problem = f"--tokenizer {args.tokenizer}: no such directory (an HF tokenizer directory is expected)"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -6,6 +6,7 @@ Input elements (dicts, produced by the pipeline's decode map):
         task_id int, task_name str, record_id str, index int (position in the refetchable
         MapDataset)
   skip: skip_reason str, task_name str, record_id str, message str, index int
+  optional on ok elements: truncated bool (tokens were cut at max_length; counted per task)
 
 Output batch (numpy), B rows of length L, K image slots per row:
   input_ids int32[B,L]   each -200 expanded to tokens_per_image copies of image_token_id
@@ -17,13 +18,15 @@ Output batch (numpy), B rows of length L, K image slots per row:
                          appearance, used slots first
   task_ids int32[B,L]    task index per token, -1 on padding
   meta_record_ids str[B,E] ("" = none; E = max examples per row), meta_skips str (JSON
-                         SkipCounter.as_dict() of records skipped since the previous batch).
+                         SkipCounter.state() of records skipped or truncated since the previous
+                         batch, record keys included so the trainer counts each record once).
                          `meta_*` keys are host-only and never go to the device.
 
 Why not grain.experimental.FirstFitPackIterDataset/BestFitPackIterDataset: they pack flat
 token features and restart their bins every pass; they cannot carry the skip markers into
 the next batch's counts, string record ids, or keep a pool of part-filled rows open across
-batches (what gets packing above 95% when every example is 576 image tokens plus text).
+batches (what lifts the real-token fraction from ~73% padded to ~87% packed when every example is
+576 image tokens plus text, at max_length 2048; 95% is out of reach there: docs/PERFORMANCE.md).
 `BestFitPackIterDataset` here keeps up to `pool_rows` open rows; an example goes to the open
 row it fills best, a row closes when full (no tokens, image slots or example slots left) and
 the fullest row is closed when the pool overflows; every B closed rows are one batch.
@@ -134,7 +137,7 @@ class BatchLayout:
                 batch["meta_record_ids"][r, s] = ex["record_id"]
                 start, slot = end, slot + m
         batch["meta_record_ids"] = batch["meta_record_ids"].astype(str)
-        batch["meta_skips"] = json.dumps(skipped.as_dict(), sort_keys=True)
+        batch["meta_skips"] = json.dumps(skipped.state(), sort_keys=True)
         return batch
 
 
@@ -152,8 +155,31 @@ class _Row:
         self.images += element["pixel_values"].shape[0]
 
 
-def _count_skip(counter: SkipCounter, element: dict) -> None:
-    counter.add(element["skip_reason"], task_name=element.get("task_name") or "?")
+def _count(counter: SkipCounter, guard: skips.SkipRateGuard | None, element: dict) -> bool:
+    """Counts a skip marker (True) or a truncation of a usable element (False); feeds the guard."""
+    task = element.get("task_name") or "?"
+    if "skip_reason" in element:
+        counter.add(element["skip_reason"], task_name=task, record_id=_record_key(element),
+                    message=element.get("message"))
+        if guard is not None:
+            guard.observe(element["skip_reason"], element.get("message", ""))
+        return True
+    if element.get("truncated"):
+        counter.add_truncated(task, _record_key(element))
+    return False
+
+
+def _record_key(element: dict) -> str | None:
+    rid = element.get("record_id")
+    return None if rid is None else f"{element.get('source', '')}\x1f{rid}"
+
+
+def _skip_too_long(counter: SkipCounter, guard: skips.SkipRateGuard | None, element: dict, why: str) -> None:
+    error = skips.BadRecord(skips.TOO_LONG, why, record_id=element["record_id"], source=element.get("source"),
+                            task_name=element.get("task_name") or "?")
+    counter.add(error, record_id=_record_key(element))
+    if guard is not None:
+        guard.observe(skips.TOO_LONG, str(error))
 
 
 class BestFitPackIterDataset(grain.IterDataset):
@@ -162,27 +188,31 @@ class BestFitPackIterDataset(grain.IterDataset):
     `refetch(index) -> element` re-creates an element by its dataset index (used on restore);
     `pool_rows` bounds how many part-filled rows stay open (more = fuller rows, more refetch
     work after a restore).  `first_fit=True` puts an example into the oldest open row it fits
-    instead of the one it fills best (for comparison).
+    instead of the one it fills best (for comparison).  `guard` (a factory of
+    skips.SkipRateGuard) stops data that is mostly skips instead of looping on it forever.
     """
 
     def __init__(self, parent: grain.IterDataset, layout: BatchLayout, refetch: Callable[[int], dict],
-                 pool_rows: int | None = None, first_fit: bool = False):
+                 pool_rows: int | None = None, first_fit: bool = False,
+                 guard: Callable[[], skips.SkipRateGuard] | None = None):
         super().__init__(parent)
-        self._layout, self._refetch, self._first_fit = layout, refetch, first_fit
+        self._layout, self._refetch, self._first_fit, self._guard = layout, refetch, first_fit, guard
         self._pool_rows = pool_rows or max(8, 2 * layout.batch_size)
 
     def __iter__(self):
         return _BestFitPackIterator(self._parent.__iter__(), self._layout, self._refetch, self._pool_rows,
-                                    self._first_fit)
+                                    self._first_fit, self._guard() if self._guard else None)
 
     def __str__(self):
         return f"BestFitPackIterDataset(pool_rows={self._pool_rows})"
 
 
 class _BestFitPackIterator(grain.DatasetIterator):
-    def __init__(self, parent, layout: BatchLayout, refetch, pool_rows: int, first_fit: bool):
+    def __init__(self, parent, layout: BatchLayout, refetch, pool_rows: int, first_fit: bool,
+                 guard: skips.SkipRateGuard | None = None):
         super().__init__(parent)
         self._layout, self._refetch, self._pool_rows, self._first_fit = layout, refetch, pool_rows, first_fit
+        self._guard = guard
         self._open: list[_Row] = []
         self._closed: list[_Row] = []
         self._skipped = SkipCounter()
@@ -193,9 +223,10 @@ class _BestFitPackIterator(grain.DatasetIterator):
         lay = self._layout
         why = lay.fits_alone(element)
         if why is not None:
-            self._skipped.add(skips.BadRecord(skips.TOO_LONG, why, record_id=element["record_id"]),
-                              task_name=element.get("task_name") or "?")
+            _skip_too_long(self._skipped, self._guard, element, why)
             return
+        if self._guard is not None:
+            self._guard.observe()
         n, m = example_length(element, lay.tokens_per_image), element["pixel_values"].shape[0]
         best, best_left = None, None
         for row in self._open:
@@ -226,9 +257,7 @@ class _BestFitPackIterator(grain.DatasetIterator):
             except StopIteration:
                 self._exhausted = True
                 break
-            if "skip_reason" in element:
-                _count_skip(self._skipped, element)
-            else:
+            if not _count(self._skipped, self._guard, element):
                 self._place(element)
         if self._exhausted:   # drain: open rows become closed; last batch padded with empty rows
             self._closed.extend(self._open)
@@ -245,8 +274,9 @@ class _BestFitPackIterator(grain.DatasetIterator):
             "parent": self._parent.get_state(),
             "open_rows": [[int(e["index"]) for e in r.members] for r in self._open],
             "closed_rows": [[int(e["index"]) for e in r.members] for r in self._closed],
-            "pending_skips": self._skipped.as_dict(),
+            "pending_skips": self._skipped.state(),
             "exhausted": self._exhausted,
+            **({"guard": self._guard.get_state()} if self._guard is not None else {}),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -255,6 +285,8 @@ class _BestFitPackIterator(grain.DatasetIterator):
         self._closed = [self._rebuild(ix) for ix in state["closed_rows"]]
         self._skipped = SkipCounter.from_dict(state["pending_skips"])
         self._exhausted = bool(state["exhausted"])
+        if self._guard is not None:
+            self._guard.set_state(state.get("guard", {}))
 
     def _rebuild(self, indices: list[int]) -> _Row:
         row = _Row()
@@ -272,18 +304,20 @@ class PadToLongestBatchIterDataset(grain.IterDataset):
     """One example per row; the batch is padded to its longest example rounded up to `multiple`
     (capped at max_length).  For comparison with packing; shapes vary between batches."""
 
-    def __init__(self, parent: grain.IterDataset, layout: BatchLayout, multiple: int = 64):
+    def __init__(self, parent: grain.IterDataset, layout: BatchLayout, multiple: int = 64,
+                 guard: Callable[[], skips.SkipRateGuard] | None = None):
         super().__init__(parent)
-        self._layout, self._multiple = layout, multiple
+        self._layout, self._multiple, self._guard = layout, multiple, guard
 
     def __iter__(self):
-        return _PadToLongestIterator(self._parent.__iter__(), self._layout, self._multiple)
+        return _PadToLongestIterator(self._parent.__iter__(), self._layout, self._multiple,
+                                     self._guard() if self._guard else None)
 
 
 class _PadToLongestIterator(grain.DatasetIterator):
-    def __init__(self, parent, layout: BatchLayout, multiple: int):
+    def __init__(self, parent, layout: BatchLayout, multiple: int, guard: skips.SkipRateGuard | None = None):
         super().__init__(parent)
-        self._layout, self._multiple = layout, multiple
+        self._layout, self._multiple, self._guard = layout, multiple, guard
         self._skipped = SkipCounter()
 
     def __next__(self) -> dict:
@@ -293,14 +327,14 @@ class _PadToLongestIterator(grain.DatasetIterator):
                 element = next(self._parent)
             except StopIteration:
                 break
-            if "skip_reason" in element:
-                _count_skip(self._skipped, element)
+            if _count(self._skipped, self._guard, element):
                 continue
             why = lay.fits_alone(element)
             if why is not None:
-                self._skipped.add(skips.BadRecord(skips.TOO_LONG, why, record_id=element["record_id"]),
-                                  task_name=element.get("task_name") or "?")
+                _skip_too_long(self._skipped, self._guard, element, why)
                 continue
+            if self._guard is not None:
+                self._guard.observe()
             rows.append([element])
         if not rows and not self._skipped.total:
             raise StopIteration
@@ -310,8 +344,11 @@ class _PadToLongestIterator(grain.DatasetIterator):
         return lay.assemble(rows, skipped, length=length)
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "pending_skips": self._skipped.as_dict()}
+        return {"parent": self._parent.get_state(), "pending_skips": self._skipped.state(),
+                **({"guard": self._guard.get_state()} if self._guard is not None else {})}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._skipped = SkipCounter.from_dict(state["pending_skips"])
+        if self._guard is not None:
+            self._guard.set_state(state.get("guard", {}))

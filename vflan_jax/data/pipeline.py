@@ -1,6 +1,7 @@
 """The training input pipeline: a Grain Dataset graph from config to packed host batches.
 
-  mixture (selected Examples, mixture.py)
+  mixture (selected record indices of each source's index, mixture.py; a source is annotation
+           files read by span, json_source.py, or prepared ArrayRecord shards, prepared_source.py)
   -> MapDataset.source per data source -> shuffle(seed) -> repeat(num_epochs)
      (several sources with weights: each shuffled + repeated forever, then MapDataset.mix)
   -> slice [process_index::process_count]          (each host reads its own share)
@@ -16,6 +17,8 @@ and live in the iterator state until reported, so the counts stay exact across r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import logging
 import os
 from typing import Any
@@ -25,13 +28,14 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from vflan_jax.data import conversation, image, mixture, packing, tokenize
+from vflan_jax.data import conversation, decoding, image, mixture, packing, prepared_source, tokenize
+from vflan_jax.data import skips
 from vflan_jax.data.skips import BadRecord, SkipCounter
 from vflan_jax.data.sources import FORMATS, Example, resolve_image_path
 
 PACKINGS = ("best_fit", "first_fit", "pad_to_longest")
 SOURCE_FIELDS = ("paths", "image_folder", "format", "default_task", "weight", "max_per_task",
-                 "budget_tasks", "budget_per_task", "subset")
+                 "budget_tasks", "budget_per_task", "subset", "prepared")
 
 
 class BadRecordError(RuntimeError):
@@ -43,10 +47,12 @@ def default_data_config() -> ml_collections.ConfigDict:
 
     sources: name -> ConfigDict, one per data source, e.g.
         c.sources.vflan = source_config(paths=["vision_flan.json"], image_folder="images")
-      fields (see source_config): paths (list of files), image_folder, format
+      fields (see source_config): paths (a tuple of files), image_folder, format
       ("auto"|"llava"|"vflan_raw"), default_task (task name for files without task_name),
       weight (None everywhere = concatenate; all set = mix by weight, infinite stream),
-      max_per_task, budget_tasks, budget_per_task, subset (mixture.py).
+      max_per_task, budget_tasks, budget_per_task, subset (mixture.py); or, instead of paths,
+      prepared (a folder or bucket written by `python -m vflan_jax.data.prepare`; see
+      prepared_source_config).
     """
     c = ml_collections.ConfigDict()
     c.sources = ml_collections.ConfigDict()
@@ -54,7 +60,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.image_aspect = "pad"               # "pad" (LLaVA-1.5 finetune/eval) | "square" (pretraining)
     c.exif_transpose = False             # LLaVA does not apply EXIF orientation
     c.max_pixels = config_dict.placeholder(int)   # decompression-bomb cap; None = PIL's MAX_IMAGE_PIXELS
-    c.max_length = 2048                  # tokens per row, images expanded (recipe §3.6)
+    c.max_length = 2048                  # tokens per row, images expanded (docs/REFERENCE.md §3.6)
     c.max_images_per_row = config_dict.placeholder(int)   # K slots; None = max_length // (tokens_per_image + 1)
     c.max_examples_per_row = config_dict.placeholder(int)  # None = max(1, max_length // 32)
     c.packing = "best_fit"               # "best_fit" | "first_fit" | "pad_to_longest"
@@ -66,6 +72,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.read_threads = 2                   # threads per process for decode (PIL releases the GIL)
     c.prefetch = 2                       # batches prefetched by a thread (0 = off)
     c.strict = False                     # raise on the first bad record instead of counting it
+    c.max_skip_fraction = 0.5            # stop when more of the last skip_window records are skipped
+    c.skip_window = 1000                 # (or when a whole pass has no usable record): never loop at step 0
     c.seed = 0
     c.shuffle = True
     c.num_epochs = config_dict.placeholder(int)    # None = repeat forever (steps end the run)
@@ -74,11 +82,14 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def source_config(paths, image_folder: str, *, format: str = "auto", default_task: str | None = None,
                   weight: float | None = None, max_per_task: int | None = None, budget_tasks: int | None = None,
-                  budget_per_task: int | None = None, subset: int | None = None) -> ml_collections.ConfigDict:
+                  budget_per_task: int | None = None, subset: int | None = None,
+                  prepared: str | None = None) -> ml_collections.ConfigDict:
     """One entry of `data.sources` (typed, so command-line overrides of None fields work)."""
     c = ml_collections.ConfigDict()
-    c.paths = [os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    # A tuple, not a list: ml_collections overrides tuples from the command line, not lists.
+    c.paths = tuple(os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths))
     c.image_folder = os.fspath(image_folder)
+    c.prepared = config_dict.placeholder(str) if prepared is None else os.fspath(prepared)
     c.format = format
     c.default_task = config_dict.placeholder(str) if default_task is None else default_task
     c.weight = config_dict.placeholder(float) if weight is None else float(weight)
@@ -86,6 +97,12 @@ def source_config(paths, image_folder: str, *, format: str = "auto", default_tas
                         ("budget_per_task", budget_per_task), ("subset", subset)):
         c[name] = config_dict.placeholder(int) if value is None else int(value)
     return c
+
+
+def prepared_source_config(folder: str, image_folder: str = "", **kw) -> ml_collections.ConfigDict:
+    """A source read from prepared shards; image_folder overrides the one recorded at prepare time
+    (used only by data prepared with --images reference)."""
+    return source_config((), image_folder, prepared=folder, **kw)
 
 
 def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpec]:
@@ -100,9 +117,11 @@ def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpe
     for field, allowed in choices.items():
         if c[field] not in allowed:
             bad(field, f"{c[field]!r} is not one of {tuple(allowed)}")
-    for field in ("max_length", "pad_to_multiple", "worker_buffer_size", "read_threads"):
+    for field in ("max_length", "pad_to_multiple", "worker_buffer_size", "read_threads", "skip_window"):
         if not isinstance(c[field], int) or c[field] < 1:
             bad(field, f"must be an int >= 1, got {c[field]!r}")
+    if not isinstance(c.max_skip_fraction, (int, float)) or not 0 < c.max_skip_fraction <= 1:
+        bad("max_skip_fraction", f"must be in (0, 1] (1 = never stop on the skip rate), got {c.max_skip_fraction!r}")
     for field in ("num_workers", "prefetch"):
         if not isinstance(c[field], int) or c[field] < 0:
             bad(field, f"must be an int >= 0, got {c[field]!r}")
@@ -117,16 +136,24 @@ def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpe
         unknown = set(s.keys()) - set(SOURCE_FIELDS)
         if unknown:
             bad(f, f"unknown field(s) {sorted(unknown)}; known: {SOURCE_FIELDS}")
-        paths = s.get("paths")
+        paths = s.get("paths") or ()
         if isinstance(paths, str):
             paths = [paths]
-        if not paths:
-            bad(f"{f}.paths", "no file given")
-        for p in paths:
-            if not os.path.isfile(p):
-                bad(f"{f}.paths", f"file not found: {p}")
-        if not s.get("image_folder") or not os.path.isdir(s.image_folder):
-            bad(f"{f}.image_folder", f"not a directory: {s.get('image_folder')!r}")
+        if s.get("prepared"):
+            if paths:
+                bad(f"{f}.paths", "give either paths (annotation files) or prepared (a prepared folder), not both")
+            if not prepared_source.is_prepared(s.prepared):
+                bad(f"{f}.prepared", f"not prepared data ({prepared_source.INDEX} missing): {s.prepared}")
+            if s.get("image_folder") and not os.path.isdir(s.image_folder):
+                bad(f"{f}.image_folder", f"not a directory: {s.image_folder!r}")
+        else:
+            if not paths:
+                bad(f"{f}.paths", "no file given")
+            for p in paths:
+                if not os.path.isfile(p):
+                    bad(f"{f}.paths", f"file not found: {p}")
+            if not s.get("image_folder") or not os.path.isdir(s.image_folder):
+                bad(f"{f}.image_folder", f"not a directory: {s.get('image_folder')!r}")
         if s.get("format", "auto") not in FORMATS:
             bad(f"{f}.format", f"{s.format!r} is not one of {FORMATS}")
         for k in ("max_per_task", "budget_tasks", "budget_per_task", "subset"):
@@ -144,7 +171,7 @@ def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpe
             name=name, paths=tuple(os.fspath(p) for p in paths), image_folder=os.fspath(s.image_folder),
             format=s.get("format", "auto"), default_task=s.get("default_task"), weight=w,
             max_per_task=s.get("max_per_task"), budget_tasks=s.get("budget_tasks"),
-            budget_per_task=s.get("budget_per_task"), subset=s.get("subset")))
+            budget_per_task=s.get("budget_per_task"), subset=s.get("subset"), prepared=s.get("prepared") or None))
     weighted = [s.weight is not None for s in specs]
     if any(weighted) and not all(weighted):
         bad("sources.*.weight", "set a weight on every source or on none (none = concatenate)")
@@ -181,21 +208,26 @@ class DecodeExample:
             if self.strict:
                 raise BadRecordError(str(e)) from None
             return {"index": index, "skip_reason": e.reason, "task_name": ex.task_name,
-                    "record_id": ex.id, "message": str(e)}
+                    "record_id": ex.id, "source": ex.source, "message": str(e)}
 
     def decode(self, index: int, ex: Example) -> dict[str, Any]:
         ids, labels = tokenize.tokenize_example(ex, self.tokenizer, self.template)
+        full_length = len(ids)
         ids, labels = tokenize.truncate(ids, labels, self.max_length, self.tokens_per_image, ex)
         n_images = sum(1 for t in ids if t == tokenize.IMAGE_PLACEHOLDER)
         if ex.image is not None and n_images:
-            path = resolve_image_path(self.image_folders[ex.source], ex.image)
+            if ex.image_bytes is not None:   # embedded in prepared shards: the file's bytes as they were
+                path = io.BytesIO(ex.image_bytes)
+                path.name = ex.image          # named in error messages
+            else:
+                path = resolve_image_path(self.image_folders[ex.source], ex.image)
             pixels = image.load_pixels(path, image_size=self.image_size, aspect=self.image_aspect,
                                        exif_transpose=self.exif_transpose, max_pixels=self.max_pixels)[None]
         else:   # text-only record (or plain template without image?) -> no image slots used
             pixels = np.zeros((0, 3, self.image_size, self.image_size), np.float32)
         return {"index": index, "input_ids": np.asarray(ids, np.int32), "labels": np.asarray(labels, np.int32),
                 "pixel_values": pixels, "task_id": self.task_ids[ex.task_name], "task_name": ex.task_name,
-                "record_id": ex.id}
+                "record_id": ex.id, "source": ex.source, "truncated": len(ids) < full_length}
 
 
 def build_train_pipeline(data_cfg: ml_collections.ConfigDict, tokenizer, *, image_token_id: int,
@@ -223,8 +255,8 @@ def build_train_pipeline(data_cfg: ml_collections.ConfigDict, tokenizer, *, imag
             if image_folders.setdefault(os.fspath(p), sel.spec.image_folder) != sel.spec.image_folder:
                 raise ValueError(f"data config: sources: file {p} is listed with two image folders")
 
-    datasets = [grain.MapDataset.source(sel.examples) for sel in mix.sources if sel.examples]
-    weights = [sel.spec.weight for sel in mix.sources if sel.examples]
+    datasets = [grain.MapDataset.source(sel.train) for sel in mix.sources if len(sel.train_indices)]
+    weights = [sel.spec.weight for sel in mix.sources if len(sel.train_indices)]
     if all(w is None for w in weights):
         ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
         if data_cfg.shuffle:
@@ -235,11 +267,9 @@ def build_train_pipeline(data_cfg: ml_collections.ConfigDict, tokenizer, *, imag
         ds = grain.MapDataset.mix(parts, weights)
     ds = ds[process_index::process_count]
 
-    decode = DecodeExample(tokenizer, template=data_cfg.template, task_ids={t: i for i, t in enumerate(task_names)},
-                           image_folders=image_folders, max_length=data_cfg.max_length,
-                           tokens_per_image=tokens_per_image, image_size=image_size,
-                           image_aspect=data_cfg.image_aspect, exif_transpose=data_cfg.exif_transpose,
-                           max_pixels=data_cfg.max_pixels, strict=data_cfg.strict)
+    decode = DecodeExample(task_ids={t: i for i, t in enumerate(task_names)}, image_folders=image_folders,
+                           **decoding.decode_kwargs(data_cfg, tokenizer, tokens_per_image=tokens_per_image,
+                                                    image_size=image_size))
     decoded = ds.map_with_index(decode)
     it = decoded.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.read_threads,
                                                    prefetch_buffer_size=max(2, 2 * data_cfg.read_threads)))
@@ -250,16 +280,19 @@ def build_train_pipeline(data_cfg: ml_collections.ConfigDict, tokenizer, *, imag
     K = data_cfg.max_images_per_row or max(1, data_cfg.max_length // (tokens_per_image + 1))
     pad_mode = data_cfg.packing == "pad_to_longest"
     layout = packing.BatchLayout(
-        batch_size=per_host_batch_size, max_length=data_cfg.max_length, max_images_per_row=K,
-        image_shape=(3, image_size, image_size), tokens_per_image=tokens_per_image, image_token_id=image_token_id,
-        pad_id=tokenizer.pad_token_id or 0,
-        max_examples_per_row=1 if pad_mode else (data_cfg.max_examples_per_row or max(1, data_cfg.max_length // 32)))
+        batch_size=per_host_batch_size, max_images_per_row=K,
+        max_examples_per_row=1 if pad_mode else (data_cfg.max_examples_per_row or max(1, data_cfg.max_length // 32)),
+        **decoding.layout_kwargs(data_cfg, tokenizer, image_token_id=image_token_id,
+                                 tokens_per_image=tokens_per_image, image_size=image_size))
+    # Mostly-skipped data stops with the counts (skips.SkipRateGuard), a pass = every record once.
+    guard = functools.partial(skips.SkipRateGuard, data_cfg.max_skip_fraction, data_cfg.skip_window,
+                              max(1, sum(len(d) for d in datasets) // process_count))
     if pad_mode:
-        batches = packing.PadToLongestBatchIterDataset(it, layout, multiple=data_cfg.pad_to_multiple)
+        batches = packing.PadToLongestBatchIterDataset(it, layout, multiple=data_cfg.pad_to_multiple, guard=guard)
     else:
         batches = packing.BestFitPackIterDataset(it, layout, refetch=decoded.__getitem__,
                                                  pool_rows=data_cfg.pool_rows,
-                                                 first_fit=data_cfg.packing == "first_fit")
+                                                 first_fit=data_cfg.packing == "first_fit", guard=guard)
     if data_cfg.prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=data_cfg.prefetch)
 

@@ -1,6 +1,6 @@
 """Token ids with one image placeholder per image, and labels (-100 = no loss).
 
-Ids are exactly LLaVA's `tokenizer_image_token` (recipe.md §3.4): the text is split on
+Ids are exactly LLaVA's `tokenizer_image_token` (docs/REFERENCE.md §3.4): the text is split on
 "<image>", each chunk is tokenized on its own (each with its BOS; one leading BOS kept)
 and IMAGE_PLACEHOLDER (-200) stands between chunks.
 

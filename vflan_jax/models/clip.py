@@ -1,4 +1,4 @@
-"""CLIP vision transformer, as LLaVA uses it (recipe §1.1).
+"""CLIP vision transformer, as LLaVA uses it (docs/REFERENCE.md §1.1).
 
 conv patch embedding (no bias) + class and position embeddings -> pre_layrnorm -> pre-LN
 encoder layers with quick_gelu. LLaVA reads an intermediate hidden state (layer -2), so the

@@ -10,14 +10,14 @@ import json
 from typing import Any
 
 IGNORE_INDEX = -100
-# LLaVA's own image placeholder (recipe §1.4). It is not a vocabulary entry, so vocab stays
+# LLaVA's own image placeholder (docs/REFERENCE.md §1.4). It is not a vocabulary entry, so vocab stays
 # 32000; HF llava-hf checkpoints use id 32000 in a 32064-row vocabulary instead.
 LLAVA_IMAGE_TOKEN_ID = -200
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """CLIP vision transformer (recipe §1.1)."""
+    """CLIP vision transformer (docs/REFERENCE.md §1.1)."""
     hidden_size: int = 1024
     intermediate_size: int = 4096
     num_layers: int = 24
@@ -38,7 +38,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """LLaMA-2 / Vicuna decoder (recipe §1.3)."""
+    """LLaMA-2 / Vicuna decoder (docs/REFERENCE.md §1.3)."""
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -53,6 +53,13 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # LoRA adapters on the projections (models/lora.py LoraConfig); None = plain Dense layers.
+    lora: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):   # from JSON
+            from vflan_jax.models.lora import LoraConfig
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
 
     @property
     def resolved_head_dim(self) -> int:
@@ -72,7 +79,8 @@ class ModelConfig:
     dtype: str = "float32"         # activations / matmul inputs
     param_dtype: str = "float32"   # stored (master) parameters
     remat_policy: str = "none"     # see models/scan.py REMAT_POLICIES
-    attention_impl: str = "xla"    # jax.nn.dot_product_attention implementation: xla|cudnn|None(auto)
+    attention_impl: str = "auto"   # models/attention.py: auto|xla|splash|cudnn|blockwise
+    loss_chunk_size: int = 1024    # tokens per lm_head + cross-entropy chunk in training; 0 = full logits
 
     @property
     def tokens_per_image(self) -> int:
@@ -113,8 +121,11 @@ class ModelConfig:
             problems.append(str(e))
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in ("xla", "cudnn", None, "auto"):
-            problems.append(f"attention_impl={self.attention_impl!r}: use 'xla', 'cudnn' or 'auto'")
+        from vflan_jax.models.attention import IMPLEMENTATIONS
+        if self.attention_impl not in (*IMPLEMENTATIONS, None):
+            problems.append(f"attention_impl={self.attention_impl!r}: use one of {', '.join(IMPLEMENTATIONS)}")
+        if not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 0:
+            problems.append(f"loss_chunk_size={self.loss_chunk_size!r}: use a token count >= 1, or 0 for full logits")
         if 0 <= self.image_token_id < t.vocab_size and self.image_token_id in (t.bos_token_id, t.eos_token_id):
             problems.append(f"image_token_id={self.image_token_id} collides with BOS/EOS")
         if problems:
@@ -161,7 +172,7 @@ VICUNA_7B = TextConfig()
 VICUNA_13B = TextConfig(hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40, num_kv_heads=40)
 
 PRESETS: dict[str, ModelConfig] = {
-    # LLaVA-1.5 (recipe §1): CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna v1.5.
+    # LLaVA-1.5 (docs/REFERENCE.md §1): CLIP ViT-L/14-336 + mlp2x_gelu + Vicuna v1.5.
     "7b": ModelConfig(vision=CLIP_L_336, text=VICUNA_7B),
     "13b": ModelConfig(vision=CLIP_L_336, text=VICUNA_13B),
     # CPU benchmarks: same structure, small enough for a laptop, realistic vocabulary.

@@ -1,9 +1,10 @@
-"""LLaMA-2 / Vicuna decoder (recipe §1.3) with packed-sequence attention and a KV cache.
+"""LLaMA-2 / Vicuna decoder (docs/REFERENCE.md §1.3) with packed-sequence attention and a KV cache.
 
-Attention is restricted by an explicit boolean mask built once per forward from segment ids
-(examples packed in one row never see each other) and token order (causal). The same mask
-serves decoding: keys then come from a per-layer cache and the mask compares the cache slot
-index with the query's write index.
+Attention is restricted by one rule (models/attention.py: same segment id, so examples packed
+in one row never see each other, and causal by slot). Training and the cache-free forward pass
+the segment ids to models/attention.self_attention (kernel chosen by `attention_impl`); decoding
+builds the same rule as a boolean mask over the per-layer cache, comparing the cache slot index
+with the query's write index.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vflan_jax.models.attention import attention_mask, self_attention
 from vflan_jax.models.config import TextConfig
+from vflan_jax.models.lora import dense as lora_dense
 from vflan_jax.models.scan import scanned_stack
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -49,9 +52,9 @@ def unstack_layers(lm_params, num_layers: int):
     return {**lm_params, "layers": layers}
 
 
-def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(_init, axes))
+def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None, lora=None) -> nn.Module:
+    # A LoRA adapter (models/lora.py) where text.lora targets this projection, else a plain Dense.
+    return lora_dense(features, axes, dtype, param_dtype, name, lora, _init)
 
 
 class RMSNorm(nn.Module):
@@ -80,14 +83,6 @@ def rotary_embedding(x, positions, theta: float):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index):
-    """[B, 1, T, S] bool: same example and not in the future. Padding (segment 0) attends to
-    padding, so no row is fully masked (which would give NaN); its outputs carry no loss."""
-    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    causal = kv_index[:, None, :] <= q_index[:, :, None]
-    return (same & causal)[:, None]
-
-
 def cached_attention(q, k, v, mask, scale: float):
     """q: [B, T, heads, hd]; k, v: a cache [B, kv_heads, S, hd]; mask: [B, 1, T, S] -> [B, T, heads, hd].
 
@@ -110,13 +105,15 @@ class LlamaAttention(nn.Module):
     attention_impl: str | None
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_index=None, layer_cache=None):
+    def __call__(self, x, positions, segment_ids, cache_mask=None, cache_index=None, layer_cache=None):
+        """Without a cache: causal self-attention within `segment_ids` [B, T]. With one:
+        `cache_mask` [B, 1, T, S] over the cache, written at `cache_index`."""
         c = self.config
         b, t, d = x.shape
         hd = c.resolved_head_dim
-        q = _dense(c.num_heads * hd, ("embed", "heads"), self.dtype, self.param_dtype, "q_proj")(x)
-        k = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "k_proj")(x)
-        v = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "v_proj")(x)
+        q = _dense(c.num_heads * hd, ("embed", "heads"), self.dtype, self.param_dtype, "q_proj", c.lora)(x)
+        k = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "k_proj", c.lora)(x)
+        v = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "v_proj", c.lora)(x)
         q = nn.with_logical_constraint(q.reshape(b, t, c.num_heads, hd), ("act_batch", "act_length", "act_heads", None))
         k = nn.with_logical_constraint(k.reshape(b, t, c.num_kv_heads, hd), ("act_batch", "act_length", "act_kv_heads", None))
         v = v.reshape(b, t, c.num_kv_heads, hd)
@@ -124,8 +121,7 @@ class LlamaAttention(nn.Module):
         k = rotary_embedding(k, positions, c.rope_theta)
         if layer_cache is None:
             new_cache = None
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5,
-                                               implementation=self.attention_impl)
+            out = self_attention(q, k, v, segment_ids, impl=self.attention_impl, scale=hd ** -0.5)
         else:
             cache_k, cache_v = layer_cache
             # Only the T new [B, kv, T, hd] entries are transposed; the cache is updated in place.
@@ -134,9 +130,9 @@ class LlamaAttention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
                                                    (0, 0, cache_index, 0))
             new_cache = (cache_k, cache_v)
-            out = cached_attention(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), mask, hd ** -0.5)
+            out = cached_attention(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), cache_mask, hd ** -0.5)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
-        out = _dense(d, ("heads", "embed"), self.dtype, self.param_dtype, "o_proj")(out.reshape(b, t, c.num_heads * hd))
+        out = _dense(d, ("heads", "embed"), self.dtype, self.param_dtype, "o_proj", c.lora)(out.reshape(b, t, c.num_heads * hd))
         return out, new_cache
 
 
@@ -148,10 +144,10 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "gate_proj")(x)
-        up = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "up_proj")(x)
+        gate = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "gate_proj", c.lora)(x)
+        up = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "up_proj", c.lora)(x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return _dense(c.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype, "down_proj")(h)
+        return _dense(c.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype, "down_proj", c.lora)(h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -161,11 +157,11 @@ class LlamaDecoderLayer(nn.Module):
     attention_impl: str | None
 
     @nn.compact
-    def __call__(self, h, positions, mask, cache_index=None, layer_cache=None):
+    def __call__(self, h, positions, segment_ids, cache_mask=None, cache_index=None, layer_cache=None):
         c = self.config
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
         attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(
-            norm("input_layernorm")(h), positions, mask, cache_index, layer_cache)
+            norm("input_layernorm")(h), positions, segment_ids, cache_mask, cache_index, layer_cache)
         h = h + attn
         h = h + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
         return nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed")), new_cache
@@ -196,14 +192,16 @@ class LlamaModel(nn.Module):
         safe = jnp.where((input_ids >= 0) & (input_ids < self.config.vocab_size), input_ids, 0)
         return self.embed_tokens(safe)
 
-    def decode(self, h, positions, segment_ids, cache: KVCache | None = None):
-        """h: [B, T, D] input embeddings -> (logits [B, T, vocab], updated cache or None)."""
+    def decode(self, h, positions, segment_ids, cache: KVCache | None = None, return_hidden: bool = False):
+        """h: [B, T, D] input embeddings -> (logits [B, T, vocab], updated cache or None).
+        return_hidden: ((final normed hidden states [B, T, D], lm_head matrix [D, vocab]), None)
+        instead, for a loss that applies the lm_head itself (models/losses.py)."""
         b, t, _ = h.shape
         q_index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_embed"))
         new_cache = None
         if cache is None:
-            h, _ = self.layers(h, positions, attention_mask(segment_ids, segment_ids, q_index, q_index))
+            h, _ = self.layers(h, positions, segment_ids)
         else:
             kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                        (0, cache.index))
@@ -212,12 +210,20 @@ class LlamaModel(nn.Module):
             h, k, v = self._cached_layers(h, positions, mask, cache)
             new_cache = KVCache(k, v, kv_segments, cache.index + t)
         h = self.norm(h)
+        if return_hidden:
+            return (h, self.output_embedding()), new_cache
         if self.config.tie_word_embeddings:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
         return logits, new_cache
+
+    def output_embedding(self):
+        """The lm_head as a [D, vocab] matrix (the embedding table transposed when tied)."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.embedding.T
+        return self.lm_head.variables["params"]["kernel"]
 
     def _cached_layers(self, h, positions, mask, cache: KVCache):
         """The decoder stack with a cache, unrolled over layers (a Python loop) on the scanned
@@ -230,7 +236,7 @@ class LlamaModel(nn.Module):
         ks, vs = [], []
         for i in range(self.config.num_layers):
             params = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda p: p[i], layers)  # noqa: B023
-            h, (k, v) = layer.apply({"params": params}, h, positions, mask, cache.index, (cache.k[i], cache.v[i]))
+            h, (k, v) = layer.apply({"params": params}, h, positions, None, mask, cache.index, (cache.k[i], cache.v[i]))
             ks.append(k)
             vs.append(v)
         return h, tuple(ks), tuple(vs)

@@ -1,5 +1,5 @@
 """LLaVA-1.5: frozen CLIP tower -> projector -> image features written into the token sequence
--> LLaMA decoder (recipe §1.4, HF's masked_scatter form).
+-> LLaMA decoder (docs/REFERENCE.md §1.4, HF's masked_scatter form).
 
 Batch layout (what the data pipeline produces, one row may hold several packed examples):
   input_ids     int32 [B, T]        each image occupies `tokens_per_image` slots of image_token_id
@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vflan_jax.models.attention import resolve_implementation
 from vflan_jax.models.clip import CLIPVisionTower
 from vflan_jax.models.config import ModelConfig
 from vflan_jax.models.llama import KVCache, LlamaModel
@@ -62,9 +63,12 @@ class LlavaForConditionalGeneration(nn.Module):
     def setup(self):
         c = self.config
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        impl = None if c.attention_impl in (None, "auto") else c.attention_impl
+        impl = resolve_implementation(c.attention_impl)
+        # The tower's attention is unmasked and forward-only: XLA's, or jax's own choice (cuDNN
+        # where it can) on GPU.
+        tower_impl = None if impl == "cudnn" else "xla"
         self.vision_tower = CLIPVisionTower(c.vision, c.vision_layers_used, dtype, param_dtype,
-                                            c.remat_policy, impl)
+                                            c.remat_policy, tower_impl)
         self.multi_modal_projector = Projector(c.projector_type, c.text.hidden_size, dtype, param_dtype)
         self.language_model = LlamaModel(c.text, dtype, param_dtype, c.remat_policy, impl)
 
@@ -78,8 +82,10 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.multi_modal_projector(feats)
 
     def __call__(self, input_ids, pixel_values=None, image_mask=None, positions=None, segment_ids=None,
-                 cache: KVCache | None = None):
-        """Returns logits [B, T, vocab], or (logits, cache) when a KV cache is given."""
+                 cache: KVCache | None = None, return_hidden: bool = False):
+        """Returns logits [B, T, vocab], or (logits, cache) when a KV cache is given.
+        return_hidden (training, no cache): (final hidden states [B, T, D], lm_head [D, vocab])
+        instead of logits, so the loss can apply the lm_head in chunks (models/losses.py)."""
         c = self.config
         b, t = input_ids.shape
         if positions is None:
@@ -100,5 +106,5 @@ class LlavaForConditionalGeneration(nn.Module):
             embeds = splice_image_features(embeds, input_ids, feats, c.image_token_id)
         elif self.is_initializing():
             raise ValueError("initialise the model with pixel_values so the vision tower gets parameters")
-        logits, new_cache = self.language_model.decode(embeds, positions, segment_ids, cache)
+        logits, new_cache = self.language_model.decode(embeds, positions, segment_ids, cache, return_hidden)
         return logits if cache is None else (logits, new_cache)

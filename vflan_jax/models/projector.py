@@ -1,4 +1,4 @@
-"""The vision-language projector: `linear` or `mlp{N}x_gelu` (LLaVA's builder, recipe §1.2)."""
+"""The vision-language projector: `linear` or `mlp{N}x_gelu` (LLaVA's builder, docs/REFERENCE.md §1.2)."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,7 @@ def parse_projector_type(name: str) -> int:
 
 
 def _torch_linear_bias_init(key, shape, dtype, fan_in: int):
-    # PyTorch nn.Linear default, which the LLaVA pretraining stage starts from (recipe §4.1).
+    # PyTorch nn.Linear default, which the LLaVA pretraining stage starts from (docs/REFERENCE.md §4.1).
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 

@@ -20,10 +20,9 @@ docs/PERFORMANCE.md for our measured step times.
 
 Target slice (size=7b and 13b): 8 chips, TPU v5p 2x2x2 (accelerator type v5p-16, 95.74 GiB HBM
 per chip) or 8 x 80 GB GPUs, the paper's 8 A100s. Compiled for the slice with
-`python -m vflan_jax.aot --config configs/vflan_stage1.py:size=13b --topology v5p:2x2x2
---config.model.attention_impl=blockwise`: 13B peaks at 76.3 GiB per chip (20% headroom on v5p),
-7B at 48.5 GiB (49%). On 80 GB GPUs add --config.grad_accum_steps=2 (13B: 68.1 GiB). Details:
-docs/PERFORMANCE.md, memory at scale.
+`python -m vflan_jax.aot --config configs/vflan_stage1.py:size=13b --topology v5p:2x2x2`: 13B peaks
+at 64.1 GiB per chip (33% headroom on v5p; 14% under an 80 GB GPU), 7B at 39.9 GiB (58%), with
+splash attention (`auto` on TPU). Details: docs/PERFORMANCE.md, memory at scale.
 """
 from vflan_jax import recipes
 from vflan_jax.data.pipeline import prepared_source_config

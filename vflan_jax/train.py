@@ -101,6 +101,8 @@ def resolve_config_paths(cfg) -> None:
             source.image_folder = cli.resolve_path(source.image_folder)
             if source.get("prepared"):
                 source.prepared = cli.resolve_path(source.prepared)
+            if source.get("tfds_data_dir"):
+                source.tfds_data_dir = cli.resolve_path(source.tfds_data_dir)
         cfg.tokenizer = cli.resolve_path(cfg.tokenizer)
         cfg.init_from = cli.resolve_path(cfg.init_from)
 

@@ -42,6 +42,9 @@ class SourceSpec:
     budget_per_task: int | None = None
     subset: int | None = None
     prepared: str | None = None       # a prepared folder or bucket (prepare.py) instead of `paths`
+    tfds: str | None = None           # a TFDS classification dataset (cifar10, ...) instead of `paths`
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None
 
 
 class Selected:
@@ -60,7 +63,8 @@ class Selected:
 @dataclasses.dataclass
 class SourceSelection:
     spec: SourceSpec                  # for prepared data: paths/image_folder of the original files
-    records: object                   # index -> Example (json_source.JsonRecords | prepared_source.PreparedRecords)
+    records: object                   # index -> Example (json_source.JsonRecords | prepared_source.PreparedRecords
+                                      #   | eval.tfds_source.TFDSInstructions)
     train_indices: np.ndarray         # selected for training, in rank order (file order irrelevant)
     heldout_indices: np.ndarray       # records of held-out tasks (for evaluation)
     available: dict[str, int]         # task -> usable records (before any choice)
@@ -176,6 +180,10 @@ def select_source(spec: SourceSpec, index: RecordIndex, heldout_tasks: Sequence[
 
 def open_source(spec: SourceSpec, on_bad) -> tuple[SourceSpec, RecordIndex, object]:
     """(spec with the original files' paths and image folder, index, records) of one source."""
+    if spec.tfds is not None:   # tensorflow-datasets is imported only here (an optional extra)
+        from vflan_jax.eval.tfds_source import TFDSInstructions
+        records = TFDSInstructions(spec.tfds, spec.tfds_split, spec.tfds_data_dir)
+        return spec, records.index(), records
     if spec.prepared is None:
         index, records = json_source.scan_json_files(spec.paths, spec.format, spec.default_task, on_bad)
         return spec, index, records

@@ -1,7 +1,8 @@
 """The training input pipeline: a Grain Dataset graph from config to packed host batches.
 
   mixture (selected record indices of each source's index, mixture.py; a source is annotation
-           files read by span, json_source.py, or prepared ArrayRecord shards, prepared_source.py)
+           files read by span, json_source.py, prepared ArrayRecord shards, prepared_source.py,
+           or a TFDS classification split, eval/tfds_source.py)
   -> MapDataset.source per data source -> shuffle(seed) -> repeat(num_epochs)
      (several sources with weights: each shuffled + repeated forever, then MapDataset.mix)
   -> slice [process_index::process_count]          (each host reads its own share)
@@ -35,7 +36,7 @@ from vflan_jax.data.sources import FORMATS, Example, resolve_image_path
 
 PACKINGS = ("best_fit", "first_fit", "pad_to_longest")
 SOURCE_FIELDS = ("paths", "image_folder", "format", "default_task", "weight", "max_per_task",
-                 "budget_tasks", "budget_per_task", "subset", "prepared")
+                 "budget_tasks", "budget_per_task", "subset", "prepared", "tfds", "tfds_split", "tfds_data_dir")
 
 
 class BadRecordError(RuntimeError):
@@ -52,7 +53,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       weight (None everywhere = concatenate; all set = mix by weight, infinite stream),
       max_per_task, budget_tasks, budget_per_task, subset (mixture.py); or, instead of paths,
       prepared (a folder or bucket written by `python -m vflan_jax.data.prepare`; see
-      prepared_source_config).
+      prepared_source_config), or tfds + tfds_split + tfds_data_dir (a TFDS classification
+      dataset, image + label as an instruction; see tfds_source_config).
     """
     c = ml_collections.ConfigDict()
     c.sources = ml_collections.ConfigDict()
@@ -80,16 +82,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def source_config(paths, image_folder: str, *, format: str = "auto", default_task: str | None = None,
+def source_config(paths=(), image_folder: str = "", *, format: str = "auto", default_task: str | None = None,
                   weight: float | None = None, max_per_task: int | None = None, budget_tasks: int | None = None,
-                  budget_per_task: int | None = None, subset: int | None = None,
-                  prepared: str | None = None) -> ml_collections.ConfigDict:
+                  budget_per_task: int | None = None, subset: int | None = None, prepared: str | None = None,
+                  tfds: str | None = None, tfds_split: str = "train",
+                  tfds_data_dir: str | None = None) -> ml_collections.ConfigDict:
     """One entry of `data.sources` (typed, so command-line overrides of None fields work)."""
     c = ml_collections.ConfigDict()
     # A tuple, not a list: ml_collections overrides tuples from the command line, not lists.
     c.paths = tuple(os.fspath(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths))
     c.image_folder = os.fspath(image_folder)
     c.prepared = config_dict.placeholder(str) if prepared is None else os.fspath(prepared)
+    c.tfds = config_dict.placeholder(str) if tfds is None else tfds
+    c.tfds_split = tfds_split
+    c.tfds_data_dir = config_dict.placeholder(str) if tfds_data_dir is None else os.fspath(tfds_data_dir)
     c.format = format
     c.default_task = config_dict.placeholder(str) if default_task is None else default_task
     c.weight = config_dict.placeholder(float) if weight is None else float(weight)
@@ -103,6 +109,14 @@ def prepared_source_config(folder: str, image_folder: str = "", **kw) -> ml_coll
     """A source read from prepared shards; image_folder overrides the one recorded at prepare time
     (used only by data prepared with --images reference)."""
     return source_config((), image_folder, prepared=folder, **kw)
+
+
+def tfds_source_config(name: str, split: str = "train", data_dir: str | None = None,
+                       **kw) -> ml_collections.ConfigDict:
+    """A TFDS classification dataset (cifar10, cifar100, mnist) read by tfds.data_source without
+    TensorFlow (pip install 'vflan_jax[tfds]'): each image + label is a one-turn instruction whose
+    answer is the class name, task f"tfds_{name}" (vflan_jax/eval/tfds_source.py)."""
+    return source_config((), "", tfds=name, tfds_split=split, tfds_data_dir=data_dir, **kw)
 
 
 def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpec]:
@@ -139,7 +153,14 @@ def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpe
         paths = s.get("paths") or ()
         if isinstance(paths, str):
             paths = [paths]
-        if s.get("prepared"):
+        if s.get("tfds"):
+            if paths or s.get("prepared"):
+                bad(f"{f}.tfds", "give one of paths, prepared or tfds")
+            if not isinstance(s.get("tfds_split"), str) or not s.tfds_split:
+                bad(f"{f}.tfds_split", f"must be a split name such as 'train', got {s.get('tfds_split')!r}")
+            if s.get("tfds_data_dir") and not os.path.isdir(s.tfds_data_dir):
+                bad(f"{f}.tfds_data_dir", f"not a directory: {s.tfds_data_dir!r}")
+        elif s.get("prepared"):
             if paths:
                 bad(f"{f}.paths", "give either paths (annotation files) or prepared (a prepared folder), not both")
             if not prepared_source.is_prepared(s.prepared):
@@ -171,7 +192,9 @@ def validate_data_config(c: ml_collections.ConfigDict) -> list[mixture.SourceSpe
             name=name, paths=tuple(os.fspath(p) for p in paths), image_folder=os.fspath(s.image_folder),
             format=s.get("format", "auto"), default_task=s.get("default_task"), weight=w,
             max_per_task=s.get("max_per_task"), budget_tasks=s.get("budget_tasks"),
-            budget_per_task=s.get("budget_per_task"), subset=s.get("subset"), prepared=s.get("prepared") or None))
+            budget_per_task=s.get("budget_per_task"), subset=s.get("subset"), prepared=s.get("prepared") or None,
+            tfds=s.get("tfds") or None, tfds_split=s.get("tfds_split") or "train",
+            tfds_data_dir=s.get("tfds_data_dir") or None))
     weighted = [s.weight is not None for s in specs]
     if any(weighted) and not all(weighted):
         bad("sources.*.weight", "set a weight on every source or on none (none = concatenate)")

@@ -3,7 +3,9 @@ split, data_dir) over prepared array_record files, class names from the dataset'
 
 Two users: the forgetting suite (forgetting.py reads D/<dataset>/<version>/ as TFDS) and training
 (`TFDSInstructions` maps each image + label to a one-turn instruction Example with the image's
-PNG bytes, a Grain random-access source the data pipeline decodes like prepared shards).
+PNG bytes, a Grain random-access source the data pipeline decodes like prepared shards; a source
+`pipeline.tfds_source_config(name, split, data_dir)` enters the mixture through mixture.open_source,
+with its index from `TFDSInstructions.index()`).
 tensorflow-datasets is optional: pip install 'vflan_jax[tfds]'.
 """
 from __future__ import annotations
@@ -49,6 +51,9 @@ class TFDSClassification:
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.class_names = list(self.source.dataset_info.features["label"].names)
 
+    def __reduce__(self):       # Grain's worker processes open the split again (readers do not pickle)
+        return TFDSClassification, (self.name, self.split, self.data_dir)
+
     def __len__(self) -> int:
         return len(self.source)
 
@@ -86,11 +91,23 @@ class TFDSInstructions:
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
-        from vflan_jax.data.sources import GPT, HUMAN, IMAGE_TOKEN, Example
-        image, label = self.data[i]
+    def fields(self, i: int, label: int) -> tuple:
+        """(id, task_name, image, turns) of record i, without its pixels (what the index hashes)."""
+        from vflan_jax.data.sources import GPT, HUMAN, IMAGE_TOKEN
         answer = self.data.class_names[label].replace("_", " ")
-        return Example(id=f"{self.task_name}/{self.data.split}/{int(i)}", task_name=self.task_name,
-                       image=f"{self.task_name}/{int(i)}.png",
-                       turns=((HUMAN, f"{IMAGE_TOKEN}\n{self.prompt}"), (GPT, answer)),
-                       source=f"tfds:{self.data.name}/{self.data.split}", index=int(i), image_bytes=png_bytes(image))
+        return (f"{self.task_name}/{self.data.split}/{int(i)}", self.task_name, f"{self.task_name}/{int(i)}.png",
+                ((HUMAN, f"{IMAGE_TOKEN}\n{self.prompt}"), (GPT, answer)))
+
+    def index(self):
+        """The mixture's RecordIndex (record_index.py) over the split: reads every label once."""
+        from vflan_jax.data.record_index import IndexBuilder
+        builder = IndexBuilder()
+        for i, label in enumerate(self.data.labels()):
+            builder.add(*self.fields(i, label))
+        return builder.build()
+
+    def __getitem__(self, i: int):
+        from vflan_jax.data.sources import Example
+        image, label = self.data[i]
+        return Example(*self.fields(i, label), source=f"tfds:{self.data.name}/{self.data.split}", index=int(i),
+                       image_bytes=png_bytes(image))

@@ -15,3 +15,10 @@ def synthetic_suite(tmp_path_factory):
     suite = synthetic.write_task_suite(root, instances_per_task=12, image_size=64, seed=0, chat_instances=12)
     synthetic.build_tokenizer(suite.tokenizer_dir, synthetic.suite_texts(suite))
     return suite
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synthetic_suite):
+    """The suite's tokenizer, loaded once (read-only in every test)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(synthetic_suite.tokenizer_dir)

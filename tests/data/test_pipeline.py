@@ -15,12 +15,6 @@ from vflan_jax.data import pipeline
 TPI, IMG_ID, SIZE = 4, 7, 16
 
 
-@pytest.fixture(scope="module")
-def tokenizer(synthetic_suite):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(synthetic_suite.tokenizer_dir)
-
-
 def config(suite, **kw):
     c = pipeline.default_data_config()
     c.sources.train = pipeline.source_config(suite.train_json, suite.image_folder)

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.data.test_pipeline import EXPECTED_SKIPS, bad_suite, build, tokenizer  # noqa: F401
+from tests.data.test_pipeline import EXPECTED_SKIPS, bad_suite, build
 from vflan_jax.data import mixture, pipeline, prepare, prepared_source
 from vflan_jax.data.mixture import SourceSpec
 

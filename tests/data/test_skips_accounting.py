@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from tests.data.test_pipeline import build, config, tokenizer  # noqa: F401 (fixture)
+from tests.data.test_pipeline import build, config
 from vflan_jax.data import pipeline, skips
 
 

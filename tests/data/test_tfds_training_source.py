@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.data.test_pipeline import IMG_ID, TPI, build, config, record_ids, tokenizer  # noqa: F401 (fixture)
+from tests.data.test_pipeline import IMG_ID, TPI, build, config, record_ids
 from vflan_jax.data import pipeline
 from vflan_jax.data.packing import IGNORE
 

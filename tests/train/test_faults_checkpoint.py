@@ -5,7 +5,6 @@ import glob
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap

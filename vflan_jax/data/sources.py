@@ -240,11 +240,6 @@ _CHUNK = 1 << 20
 WHOLE_FILE = -1   # offset of a record that has no byte range of its own (one nested JSON object)
 
 
-def iter_json_records(path: str) -> Iterator:
-    """Records of a JSON list, a JSONL file, or a `{"data": [[...], ...]}` object, one at a time."""
-    return (record for record, _, _ in iter_json_spans(path))
-
-
 def iter_json_spans(path: str) -> Iterator[tuple[object, int, int]]:
     """(record, byte offset, byte length) per record: the span re-reads exactly that record later
     (`record_at`); records of one nested JSON object get offset WHOLE_FILE. The file is read as

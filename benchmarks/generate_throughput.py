@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import numpy as np
 import torch
+from timing import best_time, interleaved_best
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from vflan_jax.convert.hf_config import model_config_to_hf
 from vflan_jax.convert.layout import canonical_key, llava_layout
 from vflan_jax.convert.tensors import params_from_tensors
-from vflan_jax.generate import GenerationConfig, Generator
+from vflan_jax.inference.generator import GenerationConfig, Generator
 from vflan_jax.models.config import get_preset
 
 PROMPT_POSITIONS = 300
@@ -63,20 +63,6 @@ def build_models(preset: str = "small", text_layers: int | None = None, dtype: s
     return hf, hf_cfg, params, ours
 
 
-def _interleaved_best(fns: dict, repeats: int) -> dict:
-    """Best time per function over `repeats` rounds that alternate between them, so both systems
-    see the same machine load (this CPU is shared; torch suffers most from oversubscription)."""
-    for fn in fns.values():
-        fn()  # warm-up: compilation (ours) / allocator warm-up (torch)
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
-
-
 def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: int) -> dict:
     rng = np.random.default_rng(0)
     positions = prompt_positions(cfg)
@@ -101,8 +87,8 @@ def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: in
             _sync()
         assert out.shape[1] == positions + n
 
-    t = _interleaved_best({(name, n): (lambda fn=fn, n=n: fn(n)) for name, fn in
-                           (("vflan_jax", ours), ("transformers", theirs)) for n in (new_tokens, 1)}, repeats)
+    t = interleaved_best({(name, n): (lambda fn=fn, n=n: fn(n)) for name, fn in
+                          (("vflan_jax", ours), ("transformers", theirs)) for n in (new_tokens, 1)}, repeats)
     row = {"batch": batch}
     for name in ("vflan_jax", "transformers"):
         t_full, t_prefill = t[(name, new_tokens)], t[(name, 1)]
@@ -114,7 +100,7 @@ def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: in
 
 
 def _best_time(fn, repeats: int = 5) -> float:
-    return _interleaved_best({"fn": lambda: (fn(), _sync())}, repeats)["fn"]
+    return best_time(lambda: (fn(), _sync()), repeats)
 
 
 def decode_floor(params, cfg, rows: list[dict], new_tokens: int) -> dict:

@@ -43,11 +43,11 @@ def jax_step_fns(cfg, ids, labels, pixels, dtype):
     import jax
     import jax.numpy as jnp
     import flax.linen as nn
-    from vflan_jax import optim
+    from vflan_jax.train import optim
     from vflan_jax.data.packing import next_token_targets
     from vflan_jax.models.llava import LlavaForConditionalGeneration
     from vflan_jax.parallel import init_inputs
-    from vflan_jax.train_step import TrainState, make_train_step, token_losses
+    from vflan_jax.train.step import TrainState, make_train_step, token_losses
 
     mcfg = cfg.replace(dtype=dtype, remat_policy="none")
     model = LlavaForConditionalGeneration(mcfg)
@@ -141,8 +141,8 @@ def main():
     ap.add_argument("--skip_before", action="store_true", help="leave out the pre-issue-13 vflan_jax path")
     args = ap.parse_args()
 
-    from vflan_jax.flops import train_step_flops
-    from vflan_jax.metrics import device_peak_tflops
+    from vflan_jax.train.flops import train_step_flops
+    from vflan_jax.train.metrics import device_peak_tflops
     from vflan_jax.models.config import get_preset
     cfg = get_preset(args.preset)
     if args.text_layers:

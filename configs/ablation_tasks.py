@@ -11,7 +11,7 @@ Expected runtime: budget / 1.66M of a stage-1 epoch (100K examples: ~6% of it).
 Target slice (size=7b and 13b): as stage 1, 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPUs
 (same model, batch and length, so the same per-chip memory; docs/PERFORMANCE.md, memory at scale).
 """
-from vflan_jax import recipes
+from vflan_jax.train import recipes
 
 
 def get_config(arg: str | None = None):

@@ -8,10 +8,10 @@ vflan_jax/data/synthetic.py) and a LLaMA-style tokenizer are generated into <wor
 on first use. The loss falls clearly, and exact-match accuracy on the never-trained held-out tasks is printed next to
 its chance level, beside the accuracy on new instances of the trained tasks. Shorter: --config.total_steps=20.
 """
-from vflan_jax import recipes
+from vflan_jax.train import recipes
 from vflan_jax.data.pipeline import source_config
 from vflan_jax.data.synthetic import HELDOUT_TASKS, task_name
-from vflan_jax.train_config import base_config
+from vflan_jax.train.config import base_config
 
 
 def get_config(arg: str | None = None):

@@ -24,7 +24,7 @@ per chip) or 8 x 80 GB GPUs, the paper's 8 A100s. Compiled for the slice with
 at 64.1 GiB per chip (33% headroom on v5p; 14% under an 80 GB GPU), 7B at 39.9 GiB (58%), with
 splash attention (`auto` on TPU). Details: docs/PERFORMANCE.md, memory at scale.
 """
-from vflan_jax import recipes
+from vflan_jax.train import recipes
 from vflan_jax.data.pipeline import prepared_source_config
 from vflan_jax.data.prepared_source import is_prepared
 

@@ -13,7 +13,7 @@ Target slice (size=7b and 13b): 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPU
 64 gives 8 sequences per chip. Check with `python -m vflan_jax.aot --config configs/vflan_stage2.py:size=13b
 --topology v5p:2x2x2` (docs/PERFORMANCE.md, memory at scale).
 """
-from vflan_jax import recipes
+from vflan_jax.train import recipes
 
 
 def get_config(arg: str | None = None):

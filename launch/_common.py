@@ -1,6 +1,6 @@
 """Shared pieces of the launchers: the trainer command line, printing or running commands, and
 the resume loop built on the trainer's exit status (0 finished, 75 stopped after saving a
-checkpoint, anything else an error; see vflan_jax/train.py)."""
+checkpoint, anything else an error; see vflan_jax/train/__main__.py)."""
 from __future__ import annotations
 
 import os

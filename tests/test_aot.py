@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.train.cli import REPO, env
-from vflan_jax.train_program import needed_gib
+from vflan_jax.train.program import needed_gib
 
 TINY = ["--config", str(REPO / "configs/demo.py"), "--config.global_batch_size=8", "--config.data.max_length=128"]
 
@@ -105,7 +105,7 @@ def test_the_trainer_stops_on_out_of_memory_naming_the_fields():
     import jax
 
     from vflan_jax.parallel import make_mesh
-    from vflan_jax.train_program import DoesNotFit, TrainProgram
+    from vflan_jax.train.program import DoesNotFit, TrainProgram
 
     def compile_that_runs_out(*_):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. "

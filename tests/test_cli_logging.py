@@ -24,7 +24,7 @@ def restore_root():
 
 
 def _ours(level, msg, **extra):
-    """A record as logging.info(...) inside vflan_jax/train.py makes it."""
+    """A record as logging.info(...) inside vflan_jax/train/__main__.py makes it."""
     record = logging.getLogger().makeRecord("root", level, TRAIN_PY, 1, msg, (), None, extra=extra or None)
     logging.getLogger().handle(record)
 

@@ -1,6 +1,6 @@
 """Will a config fit its hardware? `python -m vflan_jax.aot --config configs/NAME.py[:arg] --topology v5p:2x2x2`.
 
-Compiles the trainer's own programs (vflan_jax/train_program.py: the train step and the state
+Compiles the trainer's own programs (vflan_jax/train/program.py: the train step and the state
 constructor, same shardings) for a target this machine need not have, from abstract inputs
 (nothing is allocated), and prints their memory per device:
 
@@ -98,8 +98,9 @@ def measure(cfg, topology: str, device_memory_gib: float | None = None) -> dict:
     A compile that runs out of memory gives {"fits": False, "needs_gib": ...}."""
     import jax
 
-    from vflan_jax import parallel, train_config
-    from vflan_jax.train_program import abstract_batch, build_program, is_out_of_memory, needed_gib
+    from vflan_jax import parallel
+    from vflan_jax.train import config as train_config
+    from vflan_jax.train.program import abstract_batch, build_program, is_out_of_memory, needed_gib
 
     from vflan_jax.models.attention import resolve_implementation
 
@@ -182,7 +183,7 @@ def main(argv):
     if not _TOPOLOGY.value:
         raise app.UsageError("--topology is required (v5p:2x2x2, cpu:8)")
     logging.getLogger().setLevel(logging.WARNING)
-    from vflan_jax.train_program import MEMORY_FIELDS
+    from vflan_jax.train.program import MEMORY_FIELDS
     try:
         report = measure(_CONFIG.value, _TOPOLOGY.value, _MEMORY.value)
     except BadInput as e:

@@ -19,7 +19,7 @@ from vflan_jax.data import synthetic
 from vflan_jax.data.conversation import VICUNA_V1, render, render_prompt
 from vflan_jax.data.image import load_pixels, pixels_from_image
 from vflan_jax.data.tokenize import tokenizer_image_token
-from vflan_jax.generate import GenerationConfig, Generator
+from vflan_jax.inference.generator import GenerationConfig, Generator
 from vflan_jax.inference.batching import expand_image_placeholders
 from vflan_jax.model_checkpoint import save_model
 

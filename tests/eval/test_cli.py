@@ -15,11 +15,11 @@ from vflan_jax.eval.report import bar_chart
 @pytest.fixture
 def no_model(monkeypatch):
     """Fails the test if anything tries to load a model."""
-    import vflan_jax.generate
+    import vflan_jax.inference.generator
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
-    monkeypatch.setattr(vflan_jax.generate.Generator, "from_checkpoint", classmethod(refuse))
+    monkeypatch.setattr(vflan_jax.inference.generator.Generator, "from_checkpoint", classmethod(refuse))
 
 
 def _run(data, out, *extra):

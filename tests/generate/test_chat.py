@@ -2,7 +2,7 @@
 import io
 import random
 
-from vflan_jax.generate import GenerationResult
+from vflan_jax.inference.generator import GenerationResult
 from vflan_jax.inference.chat import chat
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from vflan_jax.data import synthetic
-from vflan_jax.generate import GenerationConfig, Generator
+from vflan_jax.inference.generator import GenerationConfig, Generator
 from vflan_jax.model_checkpoint import save_model
 from vflan_jax.models.config import get_preset
 from vflan_jax.parallel import abstract_params

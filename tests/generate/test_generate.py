@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.models.hf_oracle import build_hf_model, flax_params_from_hf, nano_config
-from vflan_jax.generate import GenerationConfig, Generator
+from vflan_jax.inference.generator import GenerationConfig, Generator
 from vflan_jax.models.config import get_preset
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.models.hf_oracle import nano_config
-from vflan_jax import optim
+from vflan_jax.train import optim
 from vflan_jax.models import lora_params
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.models.lora import (NF4_TABLE, PROJECTIONS, LoraConfig, LoraDense, default_lora_config, dequantize,

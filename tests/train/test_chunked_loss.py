@@ -10,7 +10,7 @@ from tests.models.hf_oracle import nano_config
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.models.losses import chunked_cross_entropy
 from vflan_jax.parallel import init_inputs
-from vflan_jax.train_step import token_losses
+from vflan_jax.train.step import token_losses
 
 
 def reference_losses(hidden, lm_head, targets):

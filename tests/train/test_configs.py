@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from vflan_jax import train_config
+from vflan_jax.train import config as train_config
 from vflan_jax.models.config import get_preset
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -62,7 +62,7 @@ def test_the_probe_names_an_unwritable_folder_before_orbax_sees_it(tmp_path):
 def test_a_second_signal_exits_at_once_even_while_stuck(tmp_path):
     proc = run_python("""
         import os, signal, time
-        from vflan_jax.train import StopSignal
+        from vflan_jax.train.__main__ import StopSignal
         stop = StopSignal()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.5)
@@ -76,7 +76,7 @@ def test_a_second_signal_exits_at_once_even_while_stuck(tmp_path):
 def test_after_a_signal_a_stuck_run_exits_within_stop_timeout(tmp_path):
     proc = run_python("""
         import os, signal, time
-        from vflan_jax.train import StopSignal
+        from vflan_jax.train.__main__ import StopSignal
         stop = StopSignal(timeout_s=2)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(120)

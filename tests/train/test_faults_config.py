@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vflan_jax import train_config
+from vflan_jax.train import config as train_config
 from vflan_jax.data.pipeline import source_config
 
 

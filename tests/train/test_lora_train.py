@@ -61,7 +61,7 @@ def test_stage_configs_take_llavas_lora_recipe():
 
     import pytest
 
-    from vflan_jax.train_config import model_config
+    from vflan_jax.train.config import model_config
 
     def load(name, arg):
         spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")

@@ -2,7 +2,7 @@
 import numpy as np
 from PIL import Image
 
-from vflan_jax.metrics import MetricsWriter, loss_curve_series, plot_loss_curve, read_metrics
+from vflan_jax.train.metrics import MetricsWriter, loss_curve_series, plot_loss_curve, read_metrics
 
 
 def test_final_evaluation_is_in_the_loss_curve(tmp_path):

@@ -10,10 +10,10 @@ import pytest
 from flax import traverse_util
 
 from tests.models.hf_oracle import nano_config
-from vflan_jax import optim
+from vflan_jax.train import optim
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.parallel import init_inputs
-from vflan_jax.train_step import TrainState, make_train_step
+from vflan_jax.train.step import TrainState, make_train_step
 
 
 def hf_cosine_with_warmup(step, total, warmup_ratio, peak):
@@ -133,7 +133,7 @@ def test_trainable_typo_is_an_error():
 
 def test_chance_level_is_uniform_over_a_tasks_answers():
     from vflan_jax.data.sources import Example
-    from vflan_jax.heldout_eval import chance_levels
+    from vflan_jax.train.evaluate import chance_levels
     ex = lambda task, answer: Example("i", task, None, (("human", "q"), ("gpt", answer)), "f", 0)  # noqa: E731
     pool = [ex("a", "red"), ex("a", "blue"), ex("a", "red "), ex("a", "green"), ex("b", "yes"), ex("b", "no")]
     assert chance_levels(pool) == {"a": 1 / 3, "b": 1 / 2}

@@ -12,8 +12,9 @@ from jax.sharding import PartitionSpec as P
 from configs.demo import get_config
 from tests.models.hf_oracle import nano_config
 from tests.train.cli import losses, run, train_args
-from vflan_jax import optim, parallel
-from vflan_jax.train_program import build_program
+from vflan_jax import parallel
+from vflan_jax.train import optim
+from vflan_jax.train.program import build_program
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
 

@@ -22,8 +22,8 @@ def test_own_annotation_files_from_the_command_line(tmp_path):
 
 def test_every_config_path_is_made_absolute_once(tmp_path, monkeypatch):
     from vflan_jax.data.pipeline import source_config
-    from vflan_jax.train import resolve_config_paths
-    from vflan_jax.train_config import base_config
+    from vflan_jax.train.__main__ import resolve_config_paths
+    from vflan_jax.train.config import base_config
     cfg = base_config()
     with cfg.unlocked():
         cfg.data.sources.mine = source_config(("a.json", "gs://bucket/b.json"), "images")

@@ -75,7 +75,7 @@ def _check_checkpoint(path: str) -> None:
 
 
 def _generate_fn(args, max_new_tokens: int):
-    from vflan_jax.generate import GenerationConfig, Generator
+    from vflan_jax.inference.generator import GenerationConfig, Generator
     generator = Generator.from_checkpoint(args.checkpoint, batch_size=args.batch_size, dtype=args.dtype,
                                           image_aspect=args.image_aspect, conv_template=args.conv_template)
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)     # greedy, docs/REFERENCE.md §5.0

@@ -1,1 +1,1 @@
-"""Pieces of batched KV-cache decoding; `vflan_jax.generate` is the entry point."""
+"""Batched KV-cache decoding: `generator.Generator` (the library), the pieces it runs; `vflan_jax.generate` is the CLI."""

@@ -15,7 +15,7 @@ import optax
 
 from vflan_jax.models.config import IGNORE_INDEX
 from vflan_jax.models.losses import chunked_cross_entropy
-from vflan_jax.optim import merge
+from vflan_jax.train.optim import merge
 from vflan_jax.parallel import micro_batches
 
 MODEL_INPUTS = ("input_ids", "pixel_values", "image_mask", "positions", "segment_ids")
@@ -28,8 +28,9 @@ class TrainState(NamedTuple):
     rng: jax.Array         # uint32 key data; kept for stochastic extensions (no dropout in LLaVA)
 
 
-def token_losses(model, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy in float32 and the labelled-token weights, both [B, T].
+def token_losses(model, params, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token cross-entropy in float32 and the labelled-token weights, both [B, T], and their sum
+    (differentiate it, not the per-token losses: the chunked loss then forms its gradient in its forward).
     With model.config.loss_chunk_size the lm_head is applied inside the loss, chunk by chunk
     (models/losses.py), so no [B, T, vocab] float32 logits exist; 0 keeps the full logits."""
     inputs = (batch[k] for k in MODEL_INPUTS)
@@ -42,7 +43,7 @@ def token_losses(model, params, batch) -> tuple[jax.Array, jax.Array]:
     weights = (targets != IGNORE_INDEX).astype(jnp.float32)
     with jax.named_scope("lm_head_cross_entropy"):  # names the ops in profiles
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(targets == IGNORE_INDEX, 0, targets))
-    return ce * weights, weights
+    return ce * weights, weights, jnp.sum(ce * weights)
 
 
 def _per_task(values, task_ids, num_tasks: int):
@@ -51,11 +52,11 @@ def _per_task(values, task_ids, num_tasks: int):
 
 
 def _sum_loss_and_stats(model, trainable, frozen, batch, num_tasks):
-    ce, w = token_losses(model, merge(trainable, frozen), batch)
-    stats = {"loss_sum": ce.sum(), "tokens": w.sum(),
+    ce, w, total = token_losses(model, merge(trainable, frozen), batch)
+    stats = {"loss_sum": total, "tokens": w.sum(),
              "task_loss_sum": _per_task(ce, batch["task_ids"], num_tasks),
              "task_tokens": _per_task(w, batch["task_ids"], num_tasks)}
-    return ce.sum(), stats
+    return total, stats
 
 
 def make_train_step(model, optimizer, mask_split, *, num_tasks: int, grad_accum_steps: int,

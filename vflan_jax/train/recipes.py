@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from vflan_jax.data.pipeline import source_config
-from vflan_jax.train_config import base_config
+from vflan_jax.train.config import base_config
 
 VISION_FLAN_INSTANCES = 1_664_261     # the 187-task release, docs/REFERENCE.md §2.4
 LLAVA_PRETRAIN_INSTANCES = 558_128    # LCS-558K (docs/REFERENCE.md §4.1; count from memory, docs/REFERENCE.md §7.6)

@@ -23,7 +23,7 @@ from vflan_jax.data.pipeline import DecodeExample
 from vflan_jax.data.skips import SkipCounter
 from vflan_jax.data.sources import Example, read_examples
 from vflan_jax.models.config import IGNORE_INDEX
-from vflan_jax.train_step import MODEL_INPUTS
+from vflan_jax.train.step import MODEL_INPUTS
 
 
 @dataclasses.dataclass

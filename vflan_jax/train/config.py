@@ -15,7 +15,7 @@ from ml_collections import config_dict
 from vflan_jax.data.pipeline import default_data_config, validate_data_config
 from vflan_jax.models.config import ModelConfig, get_preset
 from vflan_jax.models.lora import default_lora_config, lora_config_from
-from vflan_jax.optim import default_optim_config
+from vflan_jax.train.optim import default_optim_config
 
 NONFINITE = ("stop", "skip")
 

@@ -35,15 +35,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vflan_jax import cli, parallel, train_config
+from vflan_jax import cli, parallel
+from vflan_jax.train import config as train_config
 from vflan_jax.checkpoint import CheckpointError, TrainCheckpointer, write_json
 from vflan_jax.data.pipeline import build_train_pipeline, device_part, skips_of
 from vflan_jax.data.skips import SkipCounter, TooManySkips
-from vflan_jax.flops import train_step_flops
-from vflan_jax.heldout_eval import build_evaluators, make_eval_fn
-from vflan_jax.metrics import MetricsWriter, ProgressLine, device_peak_tflops, plot_loss_curve
+from vflan_jax.train.flops import train_step_flops
+from vflan_jax.train.evaluate import build_evaluators, make_eval_fn
+from vflan_jax.train.metrics import MetricsWriter, ProgressLine, device_peak_tflops, plot_loss_curve
 from vflan_jax.models.llava import LlavaForConditionalGeneration
-from vflan_jax.train_program import build_program, describe_parameters
+from vflan_jax.train.program import build_program, describe_parameters
 
 EXIT_PREEMPTED = cli.EXIT_PREEMPTED
 SUMMARY = "summary.json"
@@ -423,7 +424,7 @@ def finish(cfg, workdir, state, model_cfg, tokenizer_dir, evaluators, eval_fn, t
     writer.close()
     if not is_main:
         return
-    from vflan_jax.metrics import read_metrics
+    from vflan_jax.train.metrics import read_metrics
     records = [r for r in read_metrics(writer.path) if "loss" in r]
     summary = {"steps": step, "total_steps": cfg.total_steps, "first_loss": records[0]["loss"] if records else None,
                "final_loss": records[-1]["loss"] if records else None, "skipped": skipped.as_dict(),

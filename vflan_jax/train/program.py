@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from vflan_jax import optim, parallel
+from vflan_jax import parallel
+from vflan_jax.train import optim
 from vflan_jax.models.llava import LlavaForConditionalGeneration
-from vflan_jax.train_step import TrainState, make_train_step
+from vflan_jax.train.step import TrainState, make_train_step
 
 # The config fields that change a program's memory, named when it does not fit.
 MEMORY_FIELDS = ("global_batch_size / grad_accum_steps (same global batch, smaller micro-batches)",

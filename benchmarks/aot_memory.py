@@ -59,9 +59,11 @@ def table(results: dict, configs: list[str]) -> str:
             step = r.get("train_step", {})
             fits = (f"yes, {r['headroom']:.0%} headroom" if r.get("fits") else
                     f"no: needs {r['needs_gib']:.1f} GiB" if r.get("needs_gib") else "no")
-            rows.append(f"| {config} | {chips} | {r.get('attention_impl', '-')} | {_gib(r['parameters'])} | {_gib(r['optimizer_state'])} | "
-                        f"{_gib(step.get('temporaries'))} | {_gib(r.get('peak'))} | {fits} |")
-    return "\n".join(rows) + "\n\nGiB per chip; every cell measured by compiling for the v5p slice (docs/aot_memory.json).\n"
+            rows.append(f"| {config} | {chips} | {r.get('attention_impl', '-')} | {_gib(r['parameters'])} | "
+                        f"{_gib(r['optimizer_state'])} | {_gib(step.get('temporaries'))} | {_gib(r.get('peak'))} | "
+                        f"{fits} |")
+    return ("\n".join(rows)
+            + "\n\nGiB per chip; every cell measured by compiling for the v5p slice (docs/aot_memory.json).\n")
 
 
 def plot(results: dict, configs: list[str], path: pathlib.Path) -> None:
@@ -78,7 +80,7 @@ def plot(results: dict, configs: list[str], path: pathlib.Path) -> None:
                 label=f"{config}: parameters + optimizer state")
         peaks = [(c, r["peak"] / GIB) for c, r in cells if r.get("peak")]
         if peaks:
-            ax.plot(*zip(*peaks), "s-", label=f"{config}: peak")
+            ax.plot(*zip(*peaks, strict=True), "s-", label=f"{config}: peak")
     ax.axhline(95.74, color="grey", lw=0.8)
     ax.text(8, 97, "v5p HBM 95.74 GiB", fontsize=8)
     ax.axhline(80 * 1e9 / GIB, color="grey", lw=0.8, ls=":")

@@ -24,15 +24,14 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from vflan_jax.convert import layout as L
+from vflan_jax.convert.hf_config import model_config_to_hf
+from vflan_jax.convert.hf_export import llava_hf_key
+from vflan_jax.convert.import_plan import expected_shapes, torch_shape
+from vflan_jax.convert.safetensors_writer import write_safetensors
+from vflan_jax.models.config import ModelConfig, TextConfig, VisionConfig
 
-from vflan_jax.convert import layout as L  # noqa: E402
-from vflan_jax.convert.hf_config import model_config_to_hf  # noqa: E402
-from vflan_jax.convert.hf_export import llava_hf_key  # noqa: E402
-from vflan_jax.convert.import_plan import expected_shapes, torch_shape  # noqa: E402
-from vflan_jax.convert.safetensors_writer import write_safetensors  # noqa: E402
-from vflan_jax.models.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIG = ModelConfig(
     vision=VisionConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, image_size=224,

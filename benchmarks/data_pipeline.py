@@ -24,12 +24,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from absl import flags
 
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
-
-from vflan_jax.data import conversation, image, packing, pipeline, sources, synthetic, tokenize  # noqa: E402
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vflan_jax.data import conversation, image, packing, pipeline, sources, synthetic, tokenize
 
 
 def ours_pass(data_cfg, tok):
@@ -52,7 +51,7 @@ def reference_pass(examples, folder, tok, proc):
         img = expand2square(img, tuple(int(x * 255) for x in proc.image_mean))
         pixels.append(proc(img, return_tensors="np")["pixel_values"][0])
         batch_ids.append(ids[:2048])
-        batch_labels.append((labels or [-100] * len(ids))[:2048])
+        batch_labels.append((labels or [IGNORE_INDEX] * len(ids))[:2048])
         if len(batch_ids) == 4:
             collate(batch_ids, batch_labels, pixels)
             batch_ids, batch_labels, pixels = [], [], []
@@ -64,8 +63,8 @@ def reference_pass(examples, folder, tok, proc):
 def collate(ids, labels, pixels):
     L = max(len(x) for x in ids)
     out = np.zeros((len(ids), L), np.int64)
-    lab = np.full((len(ids), L), -100, np.int64)
-    for i, (a, b) in enumerate(zip(ids, labels)):
+    lab = np.full((len(ids), L), IGNORE_INDEX, np.int64)
+    for i, (a, b) in enumerate(zip(ids, labels, strict=True)):
         out[i, :len(a)], lab[i, :len(b)] = a, b
     return out, lab, np.stack(pixels)
 
@@ -130,7 +129,7 @@ def fill_rates(args):
     els = []
     for i, t in enumerate(text):
         ids = np.ones(t, np.int32)
-        ids[1] = packing.IMAGE_PLACEHOLDER
+        ids[1] = IMAGE_PLACEHOLDER
         els.append({"index": i, "input_ids": ids, "labels": ids, "pixel_values": np.zeros((1,) + shape, np.float32),
                     "task_id": 0, "task_name": "t", "record_id": str(i)})
     src = grain.MapDataset.source(els)
@@ -141,7 +140,8 @@ def fill_rates(args):
                                   image_shape=shape, tokens_per_image=576, image_token_id=32000,
                                   max_examples_per_row=1 if pad else 64)
         ds = (packing.PadToLongestBatchIterDataset(src.to_iter_dataset(), lay, multiple=64) if pad else
-              packing.BestFitPackIterDataset(src.to_iter_dataset(), lay, src.__getitem__, first_fit=name == "first_fit"))
+              packing.BestFitPackIterDataset(src.to_iter_dataset(), lay, src.__getitem__,
+                                             first_fit=name == "first_fit"))
         fracs = [(b["segment_ids"] > 0).mean() for b in ds][:-1]     # last batch is a partial tail
         out[name] = float(np.mean(fracs))
     lengths = text + 575

@@ -80,6 +80,7 @@ def child(args) -> dict:
         return {"build_s": time.perf_counter() - t, "build_cpu_s": time.process_time() - cpu, "rss_base_mb": base,
                 "peak_mb": peak_mb(), "n": len(records)}
     from transformers import AutoTokenizer
+
     from vflan_jax.data import pipeline
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     c = data_config(args.kind, args.path, args.image_folder, args.workers)
@@ -89,7 +90,8 @@ def child(args) -> dict:
                                              per_host_batch_size=16, process_index=0, process_count=1)
     build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - cpu
     import vflan_jax
-    out = {"build_s": build_s, "build_cpu_s": build_cpu_s, "rss_base_mb": base, "peak_build_mb": peak_mb(), "code": vflan_jax.__path__[0],
+    out = {"build_s": build_s, "build_cpu_s": build_cpu_s, "rss_base_mb": base, "peak_build_mb": peak_mb(),
+           "code": vflan_jax.__path__[0],
            "n": sum(sum(v["selected"] for v in s.values()) for s in info.counts.values())}
     it = iter(ds)
     next(it)
@@ -225,7 +227,7 @@ def report(rows, workers, speed, args):
     print("\nstart-up: build_train_pipeline wall s (CPU s) / to first batch s, peak RSS above imports MiB")
     cols = ["json.load", "before", "json", "prepared"]
     cols = [c for c in cols if c in rows[0]]
-    print(f"| records | file MB | " + " | ".join(cols) + " |")
+    print("| records | file MB | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for r in rows if "n" in rows[0] else []:
         cells = []

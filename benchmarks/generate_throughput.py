@@ -25,6 +25,7 @@ import torch
 from timing import best_time, interleaved_best
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from vflan_jax.constants import IMAGE_PLACEHOLDER
 from vflan_jax.convert.hf_config import model_config_to_hf
 from vflan_jax.convert.layout import canonical_key, llava_layout
 from vflan_jax.convert.tensors import params_from_tensors
@@ -67,7 +68,7 @@ def throughput(hf, hf_cfg, params, cfg, batch: int, new_tokens: int, repeats: in
     rng = np.random.default_rng(0)
     positions = prompt_positions(cfg)
     text = rng.integers(3, min(30000, cfg.text.vocab_size - 1), size=positions - cfg.tokens_per_image - 1).tolist()
-    ids = [1, -200] + text  # BOS + image + text tokens
+    ids = [1, IMAGE_PLACEHOLDER] + text  # BOS + image + text tokens
     pix = rng.standard_normal((3, cfg.vision.image_size, cfg.vision.image_size)).astype(np.float32)
     gen = Generator(params, cfg, None, batch_size=batch)
 

@@ -58,8 +58,8 @@ def write_pope(root: str, questions: int, images: int, seed: int = 0) -> None:
 def write_checkpoint(root: str) -> str:
     import jax
 
+    from vflan_jax.checkpoint import save_model
     from vflan_jax.data import synthetic
-    from vflan_jax.model_checkpoint import save_model
     from vflan_jax.models.config import get_preset
     from vflan_jax.parallel import init_params, make_mesh
     texts = [f"Is there a {o} in the image?\n{SUFFIX} Yes No" for o in OBJECTS] * 30

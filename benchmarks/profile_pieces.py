@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from generate_throughput import _interleaved_best
+from timing import interleaved_best
 
+from vflan_jax.constants import IGNORE_INDEX
 from vflan_jax.models.attention import self_attention
-from vflan_jax.models.config import IGNORE_INDEX
 from vflan_jax.models.losses import chunked_cross_entropy
 
 
@@ -41,7 +41,7 @@ def main():
     seg = jnp.ones((b, t), jnp.int32)
 
     losses = {"full logits + optax": full_logits_ce,
-              "chunked (1024 tokens)": lambda h, w, tg: chunked_cross_entropy(h, w, tg, 1024)[0]}
+              "chunked (1024 tokens)": lambda h, w, tg: chunked_cross_entropy(h, w, tg, 1024)[2]}  # the summed loss
     attns = {impl: (lambda q, k, v, impl=impl: self_attention(q, k, v, seg, impl=impl, scale=hd ** -0.5))
              for impl in ("xla", "blockwise")}
     fns = {}
@@ -56,7 +56,7 @@ def main():
         fns[("attention core, one layer", name, "fwd")] = lambda fwd=fwd: jax.block_until_ready(fwd(q, k, v))
         fns[("attention core, one layer", name, "grad")] = lambda grad=grad: jax.block_until_ready(grad(q, k, v))
     load = os.getloadavg()
-    best = _interleaved_best(fns, args.repeats)
+    best = interleaved_best(fns, args.repeats)
     print("load average (1, 5, 15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f" % (*load, *os.getloadavg()))
     print("| piece | path | forward s | gradient s |")
     print("|---|---|---|---|")

@@ -15,6 +15,7 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
 
+# Imports after XLA_FLAGS on purpose: the flag must be set before jax starts its CPU backend.
 import argparse  # noqa: E402
 import collections  # noqa: E402
 import glob  # noqa: E402

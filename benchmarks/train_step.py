@@ -8,8 +8,9 @@ Both sides train projector + LLM with the tower frozen, AdamW, global-norm clip 
 tokens_per_image slots per row. Three systems: vflan_jax as configured by default (attention
 "auto", chunked lm_head + cross-entropy), vflan_jax with the previous path (XLA attention with a
 boolean mask, full float32 logits + optax cross-entropy) and transformers + torch. For each: the
-whole step, the forward loss alone and forward + backward (no optimizer), so (fwd+bwd)/fwd is
-read on the same weights and batch. Prints the machine load (as `uptime` does), a table and one
+whole step, the forward loss alone and forward + backward (no optimizer; the gradients reduced to
+their global norm on both sides, so no gradient buffers are returned), so (fwd+bwd)/fwd is read on
+the same weights and batch. Prints the machine load (as `uptime` does), a table and one
 JSON line (paste into docs/PERFORMANCE.md).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import platform
 
 import numpy as np
-from generate_throughput import _interleaved_best
+from timing import interleaved_best
 
 BEFORE = dict(attention_impl="xla", loss_chunk_size=0)  # the path before issue 13
 
@@ -40,13 +41,15 @@ def make_batch(cfg, batch: int, seq_len: int, seed: int = 0):
 
 def jax_step_fns(cfg, ids, labels, pixels, dtype):
     """-> (step, forward loss, forward + backward) callables that block until done."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
-    from vflan_jax.train import optim
+    import optax
+
     from vflan_jax.data.packing import next_token_targets
     from vflan_jax.models.llava import LlavaForConditionalGeneration
     from vflan_jax.parallel import init_inputs
+    from vflan_jax.train import optim
     from vflan_jax.train.step import TrainState, make_train_step, token_losses
 
     mcfg = cfg.replace(dtype=dtype, remat_policy="none")
@@ -59,7 +62,8 @@ def jax_step_fns(cfg, ids, labels, pixels, dtype):
     tx, _ = optim.make_optimizer(oc, trainable, total_steps=1000)
     state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(trainable), jnp.zeros((2,), jnp.uint32))
     b, t = ids.shape
-    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "targets": jnp.asarray(np.stack([next_token_targets(l) for l in labels]), jnp.int32),
+    targets = np.stack([next_token_targets(row) for row in labels])
+    batch = {"input_ids": jnp.asarray(ids, jnp.int32), "targets": jnp.asarray(targets, jnp.int32),
              "pixel_values": jnp.asarray(pixels)[:, None], "image_mask": jnp.ones((b, 1), bool),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
              "segment_ids": jnp.ones((b, t), jnp.int32), "task_ids": jnp.zeros((b, t), jnp.int32)}
@@ -70,30 +74,41 @@ def jax_step_fns(cfg, ids, labels, pixels, dtype):
     weights, frozen = jax.tree.map(jnp.copy, optim.split(params, mask))
 
     def loss(t, f, b):  # frozen weights and batch as arguments: closed over, XLA constant-folds the tower
-        ce, w = token_losses(model, optim.merge(t, f), b)
-        return ce.sum() / w.sum()
+        _, w, total = token_losses(model, optim.merge(t, f), b)
+        return total / w.sum()
 
-    fwd, fwd_bwd = jax.jit(loss), jax.jit(jax.value_and_grad(loss))
+    def loss_and_grad_norm(t, f, b):
+        # Gradients reduced to their global norm inside the jit (the step's clip reads them the same way),
+        # so no fresh gradient buffers are returned per call; torch's fwd_bwd computes the same norm.
+        value, grads = jax.value_and_grad(loss)(t, f, b)
+        return value, optax.tree.norm(grads)
+
+    fwd, fwd_bwd = jax.jit(loss), jax.jit(loss_and_grad_norm)
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
         return float(metrics["loss"])  # blocks until the step is done
 
     run.compiled_hlo = lambda: step.lower(holder["state"], batch).compile().as_text()  # for the profile
+    run.lowered = lambda: step.lower(holder["state"], batch)   # memory_analysis (benchmarks/lora_train_step.py)
 
     return (run, lambda: float(fwd(weights, frozen, batch)),
             lambda: jax.block_until_ready(fwd_bwd(weights, frozen, batch)))
 
 
-def torch_step_fns(cfg, ids, labels, pixels, dtype):
+def torch_step_fns(cfg, ids, labels, pixels, dtype, wrap_model=None):
+    """wrap_model: applied to the model once its tower is frozen (peft LoRA: benchmarks/lora_train_step.py)."""
     import torch
     from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     from vflan_jax.convert.hf_config import model_config_to_hf
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = LlavaForConditionalGeneration(LlavaConfig(**model_config_to_hf(cfg))).to(device)
     model.model.vision_tower.requires_grad_(False)
+    if wrap_model is not None:
+        model = wrap_model(model)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     ids_t, labels_t = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
@@ -113,8 +128,9 @@ def torch_step_fns(cfg, ids, labels, pixels, dtype):
         sync()
         return out
 
-    def fwd_bwd():
+    def fwd_bwd():  # as vflan_jax's: loss, gradients, their global norm; no optimizer
         loss().backward()
+        float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
         opt.zero_grad(set_to_none=True)
         sync()
 
@@ -141,9 +157,9 @@ def main():
     ap.add_argument("--skip_before", action="store_true", help="leave out the pre-issue-13 vflan_jax path")
     args = ap.parse_args()
 
+    from vflan_jax.models.config import get_preset
     from vflan_jax.train.flops import train_step_flops
     from vflan_jax.train.metrics import device_peak_tflops
-    from vflan_jax.models.config import get_preset
     cfg = get_preset(args.preset)
     if args.text_layers:
         cfg = cfg.replace(**{"text.num_layers": args.text_layers})
@@ -154,8 +170,8 @@ def main():
         systems["vflan_jax (before)"] = jax_step_fns(cfg.replace(**BEFORE), ids, labels, pixels, args.dtype)
     systems["transformers+torch"] = torch_step_fns(cfg, ids, labels, pixels, args.dtype)
     load_before = os.getloadavg()
-    best = _interleaved_best({(name, part): fn for name, fns in systems.items()
-                              for part, fn in zip(("step", "fwd", "fwd_bwd"), fns)}, args.repeats)
+    best = interleaved_best({(name, part): fn for name, fns in systems.items()
+                             for part, fn in zip(("step", "fwd", "fwd_bwd"), fns, strict=True)}, args.repeats)
     load_after = os.getloadavg()
     flops = train_step_flops(cfg, batch=args.batch, seq_len=args.seq_len, image_slots=1)
     import jax

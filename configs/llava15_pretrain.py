@@ -15,8 +15,8 @@ Target slice (size=7b and 13b): 8 chips, TPU v5p 2x2x2 (v5p-16) or 8 x 80 GB GPU
 projector trains, so the optimizer state is small; check with `python -m vflan_jax.aot --config
 configs/llava15_pretrain.py:size=13b --topology v5p:2x2x2` (docs/PERFORMANCE.md, memory at scale).
 """
-from vflan_jax.train import recipes
 from vflan_jax.data.pipeline import source_config
+from vflan_jax.train import recipes
 
 
 def get_config(arg: str | None = None):

@@ -3,8 +3,10 @@
 Same settings as stage 1 (lr 2e-5, global batch 128, one epoch over the union); N = 1,000 or
 158,000 in the paper (Table 4: MME 1364.0 / 1317.9, LLaVA-Bench 52.7 / 63.9).
 
-    python -m vflan_jax.train --config configs/mixed_single_stage.py:size=13b,data_dir=/data/vision-flan,llava_dir=/data/llava,num_conversations=1000 \
+    python -m vflan_jax.train --config configs/mixed_single_stage.py:data_dir=/data/vision-flan,llava_dir=/data/llava \
         --config.init_from=ckpt/llava15-13b-pretrained --workdir /mnt/shared/runs/vflan/mixed-1k
+
+(defaults size=13b, num_conversations=1000; add e.g. `,size=7b,num_conversations=158000` after the `:`).
 
 Expected runtime: as stage 1 (one epoch of 1.66M + N examples).
 
@@ -16,8 +18,8 @@ from vflan_jax.train import recipes
 
 def get_config(arg: str | None = None):
     a = recipes.parse_arg(arg, size="13b", data_dir="data/vision-flan", llava_dir="data/llava",
-                          num_conversations="1000")
-    n = int(a["num_conversations"])
+                          num_conversations=1000)
+    n = a["num_conversations"]
     c = recipes.llava15_finetune(a["size"])
     c.optim.learning_rate = 2e-5
     c.global_batch_size = 128

@@ -24,13 +24,13 @@ per chip) or 8 x 80 GB GPUs, the paper's 8 A100s. Compiled for the slice with
 at 64.1 GiB per chip (33% headroom on v5p; 14% under an 80 GB GPU), 7B at 39.9 GiB (58%), with
 splash attention (`auto` on TPU). Details: docs/PERFORMANCE.md, memory at scale.
 """
-from vflan_jax.train import recipes
 from vflan_jax.data.pipeline import prepared_source_config
 from vflan_jax.data.prepared_source import is_prepared
+from vflan_jax.train import recipes
 
 
 def get_config(arg: str | None = None):
-    a = recipes.parse_arg(arg, size="13b", lora="0", quantize="none", data_dir="data/vision-flan")
+    a = recipes.parse_arg(arg, size="13b", lora=False, quantize="none", data_dir="data/vision-flan")
     c = recipes.llava15_finetune(a["size"])
     c.optim.learning_rate = 2e-5
     recipes.use_lora(c, a["lora"], a["quantize"])   # lora=1: LLaVA's LoRA recipe (lr 2e-4)

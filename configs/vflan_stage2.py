@@ -17,12 +17,12 @@ from vflan_jax.train import recipes
 
 
 def get_config(arg: str | None = None):
-    a = recipes.parse_arg(arg, size="13b", lora="0", quantize="none", llava_dir="data/llava", num_conversations="1000")
+    a = recipes.parse_arg(arg, size="13b", lora=False, quantize="none", llava_dir="data/llava", num_conversations=1000)
     c = recipes.llava15_finetune(a["size"])
     c.optim.learning_rate = 1e-5
     recipes.use_lora(c, a["lora"], a["quantize"])   # lora=1: LLaVA's LoRA recipe (lr 2e-4)
     c.global_batch_size = 64
     c.total_steps = 128
     c.checkpoint_every_steps = 64
-    c.data.sources.llava = recipes.llava_instruct_source(a["llava_dir"], subset=int(a["num_conversations"]))
+    c.data.sources.llava = recipes.llava_instruct_source(a["llava_dir"], subset=a["num_conversations"])
     return c

@@ -12,7 +12,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXIT_PREEMPTED = 75  # vflan_jax.train.EXIT_PREEMPTED (kept here so launchers import nothing heavy)
+EXIT_PREEMPTED = 75  # vflan_jax.cli.EXIT_PREEMPTED (kept here so launchers import nothing heavy)
 
 # XLA flags that matter for training on NVIDIA GPUs (launch/README.md explains each). Every
 # name is checked against the pinned jaxlib by tests/launch (an unknown flag aborts XLA).

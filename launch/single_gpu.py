@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common  # noqa: E402 - after the sys.path line: _common sits beside this script (launch/ is no package)
 
 
 def parse(argv=None):
@@ -28,7 +28,8 @@ def parse(argv=None):
     p.add_argument("--gpus", default=None, help="CUDA_VISIBLE_DEVICES (default: all GPUs of the host)")
     p.add_argument("--mem_fraction", type=float, default=None,
                    help="XLA_PYTHON_CLIENT_MEM_FRACTION (JAX preallocates 75%% of GPU memory by default)")
-    p.add_argument("--xla_flags", default="", help="more XLA flags, appended after the launcher's (write --xla_flags=\"--flag=v ...\")")
+    p.add_argument("--xla_flags", default="",
+                   help="more XLA flags, appended after the launcher's (write --xla_flags=\"--flag=v ...\")")
     p.add_argument("--python", default=sys.executable, help="the interpreter with vflan_jax installed")
     p.add_argument("--max_restarts", type=int, default=3, help="re-runs after exit status 75")
     p.add_argument("--dry_run", action="store_true", help="print the command instead of running it")

@@ -24,7 +24,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common  # noqa: E402 - after the sys.path line: _common sits beside this script (launch/ is no package)
 
 
 def parse(argv=None):
@@ -48,7 +48,8 @@ def parse(argv=None):
     p.add_argument("--venv", default=None, help="virtual environment to activate (default: REPO/.venv)")
     p.add_argument("--setup", action="append", default=[],
                    help="shell line run before training on the batch host, e.g. 'module load cuda/12.4' (repeatable)")
-    p.add_argument("--xla_flags", default="", help="more XLA flags, appended after the launcher's (write --xla_flags=\"--flag=v ...\")")
+    p.add_argument("--xla_flags", default="",
+                   help="more XLA flags, appended after the launcher's (write --xla_flags=\"--flag=v ...\")")
     p.add_argument("--mem_fraction", type=float, default=None, help="XLA_PYTHON_CLIENT_MEM_FRACTION")
     p.add_argument("--log_dir", default=None, help="where SLURM writes the job's output (default: WORKDIR/slurm)")
     p.add_argument("--script", default=None, help="sbatch file to write (default: LOG_DIR/JOB_NAME.sbatch)")

@@ -37,7 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common  # noqa: E402 - after the sys.path line: _common sits beside this script (launch/ is no package)
 
 JAX_VERSION = "0.10.2"  # = requirements.txt; jax[tpu] adds the matching libtpu
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",

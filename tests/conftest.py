@@ -5,8 +5,12 @@ Must run before anything imports jax, which is why it sets the environment at im
 """
 import atexit
 import os
+import pathlib
 import shutil
 import tempfile
+
+import pytest
+from absl import flags  # pure Python: imports no jax, so it may come before the environment below
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -19,15 +23,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vflan_jax_xla_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-from absl import flags  # noqa: E402
-
 # Grain's worker processes read absl flags; pytest never parses them.
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
 
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "vision_flan_sample"
 

@@ -36,6 +36,7 @@ def on_4_without_room():
     return _aot("--topology", "cpu:4", "--json", "--device_memory_gib=0.001")
 
 
+@pytest.mark.slow
 def test_state_per_device_halves_from_4_to_8_devices(on_8, on_4_without_room):
     on_4 = json.loads(on_4_without_room.stdout)
     assert (on_4["devices"], on_8["devices"]) == (4, 8)
@@ -45,6 +46,7 @@ def test_state_per_device_halves_from_4_to_8_devices(on_8, on_4_without_room):
         assert 0.5 <= ratio < 0.55, (part, ratio)
 
 
+@pytest.mark.slow
 def test_compiler_arguments_are_the_state_and_batch_shards(on_8):
     # The compiler's own argument bytes equal our per-device shard count of state + batch.
     B, L, size = 8, 128, 56
@@ -59,6 +61,7 @@ def test_compiler_arguments_are_the_state_and_batch_shards(on_8):
     assert on_8["peak"] >= step["arguments"] + step["temporaries"] - step["aliased"]
 
 
+@pytest.mark.slow
 def test_a_config_that_does_not_fit_says_so_in_one_line(on_4_without_room):
     proc = on_4_without_room
     assert proc.returncode == 1
@@ -68,11 +71,13 @@ def test_a_config_that_does_not_fit_says_so_in_one_line(on_4_without_room):
     assert "global_batch_size" in line[0] and "model.remat_policy" in line[0]
 
 
+@pytest.mark.slow
 def test_unknown_topology_is_bad_input():
     proc = _aot("--topology", "cpu:x")
     assert proc.returncode == 2 and "cpu:N" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is not None, reason="libtpu is installed here")
 def test_a_tpu_topology_without_libtpu_says_how_to_install_it():
     proc = _aot("--topology", "v5p:2x2x2")
@@ -88,6 +93,7 @@ def test_the_tpu_compilers_out_of_memory_message_is_read():
     assert needed_gib(Exception("something else")) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install -r requirements-tpu.txt); CI does not install it")
 def test_tiny_config_compiles_for_a_v5p_slice():
@@ -120,3 +126,24 @@ def test_the_trainer_stops_on_out_of_memory_naming_the_fields():
         assert field in message
     with pytest.raises(jax.errors.JaxRuntimeError):   # other runtime errors pass through unchanged
         TrainProgram._in_context(holder, lambda: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: x")))
+
+
+def test_config_sharding_overrides_reach_the_compiled_programs(monkeypatch):
+    import jax
+
+    from configs.demo import get_config
+    from vflan_jax import aot
+    from vflan_jax.train import program
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see tests/conftest.py")
+    seen = {}
+
+    def record(*args, rules, **kw):
+        seen["rules"] = rules
+        raise ValueError("stop before compiling")
+    monkeypatch.setattr(program, "build_program", record)
+    cfg = get_config()
+    cfg.sharding_overrides.embed = "data,fsdp"
+    with pytest.raises(aot.BadInput, match="stop before compiling"):
+        aot.measure(cfg, "cpu:8")
+    assert dict(seen["rules"])["embed"] == ("data", "fsdp")

@@ -54,6 +54,7 @@ def executed(tmp_path_factory):
     return nb, workdir
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(executed):
     nb, workdir = executed
     code = [c for c in nb.cells if c.cell_type == "code"]

@@ -118,6 +118,7 @@ def demo(tmp_path_factory):
     return root, proc
 
 
+@pytest.mark.slow
 def test_demo_console_shows_only_the_runs_own_lines(demo):
     root, proc = demo
     console = (proc.stdout + proc.stderr).splitlines()
@@ -134,6 +135,7 @@ def test_demo_console_shows_only_the_runs_own_lines(demo):
     assert str(root) in json.loads((root / "runs/demo/summary.json").read_text())["model"]
 
 
+@pytest.mark.slow
 def test_quick_start_commands_on_the_demo_model(demo):
     """The README's "After the demo" commands, in order: generate, chat, benchmark, eval, export, load in
     transformers, import, verify, inspect."""
@@ -175,6 +177,7 @@ def _snapshot(workdir: pathlib.Path) -> dict:
             if p.is_file() and p.name != "train.log"}
 
 
+@pytest.mark.slow
 def test_rerunning_the_finished_demo_changes_nothing(demo):
     root, _ = demo
     before = _snapshot(root / "runs/demo")
@@ -183,6 +186,7 @@ def test_rerunning_the_finished_demo_changes_nothing(demo):
     assert _snapshot(root / "runs/demo") == before
 
 
+@pytest.mark.slow
 def test_the_one_gpu_launcher_passes_a_relative_workdir_through(demo):
     """launch/single_gpu.py runs the trainer where it was started: runs/demo is the finished demo."""
     root, _ = demo
@@ -195,6 +199,7 @@ def test_the_one_gpu_launcher_passes_a_relative_workdir_through(demo):
     assert f"{root / 'runs/demo'} holds a finished run" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_run_killed_during_its_final_export_completes_on_rerun(demo):
     """State after a kill between the model's params and its tokenizer/summary: the export was
     still in model.partial (it is renamed into place only when complete)."""
@@ -258,8 +263,11 @@ def _parser(module):
     return None
 
 
-@pytest.mark.parametrize("cmd", [c for c in COMMANDS + DOC_COMMANDS if c not in USE_DEMO and kind(c) in (
-    "vflan_jax.convert", "vflan_jax.eval", "vflan_jax.generate", "vflan_jax.data.inspect")])
+@pytest.mark.parametrize("cmd", [
+    # data.inspect is asked for its --help in a subprocess
+    pytest.param(c, marks=pytest.mark.slow) if kind(c) == "vflan_jax.data.inspect" else c
+    for c in COMMANDS + DOC_COMMANDS if c not in USE_DEMO and kind(c) in (
+        "vflan_jax.convert", "vflan_jax.eval", "vflan_jax.generate", "vflan_jax.data.inspect")])
 def test_cli_commands_parse(cmd):
     """Commands that need real weights or data: their arguments are accepted by the CLI (the
     CLIs' behaviour is tested in tests/convert, tests/eval, tests/generate, tests/data)."""

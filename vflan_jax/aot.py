@@ -25,7 +25,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK
+from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, parse_absl_flags
 
 GIB = 1024 ** 3
 # HBM per chip as the TPU compiler reports it ("exceeds available HBM (95.74G)" for v5p);
@@ -34,7 +34,8 @@ TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.74, "v6e": 
 # The per-task loss sums are [num_tasks] floats; their size does not matter to memory.
 AOT_NUM_TASKS = 256
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).", lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=False)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology (v5p:2x2x2) or cpu:N simulated CPU devices.")
 _MEMORY = flags.DEFINE_float("device_memory_gib", None, "Memory per device to check against (default: the "
                              "chip's HBM; cpu: host memory / N). E.g. 74.5 for an 80 GB GPU.")
@@ -99,10 +100,9 @@ def measure(cfg, topology: str, device_memory_gib: float | None = None) -> dict:
     import jax
 
     from vflan_jax import parallel
+    from vflan_jax.models.attention import resolve_implementation
     from vflan_jax.train import config as train_config
     from vflan_jax.train.program import abstract_batch, build_program, is_out_of_memory, needed_gib
-
-    from vflan_jax.models.attention import resolve_implementation
 
     devices, memory_gib = target_devices(topology)
     memory_gib = device_memory_gib or memory_gib
@@ -118,7 +118,8 @@ def measure(cfg, topology: str, device_memory_gib: float | None = None) -> dict:
                 raise
         model_cfg = train_config.model_config(cfg, None)
         mesh = parallel.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=devices)
-        program = build_program(cfg, model_cfg, mesh, num_tasks=AOT_NUM_TASKS)
+        program = build_program(cfg, model_cfg, mesh, num_tasks=AOT_NUM_TASKS,
+                                rules=train_config.sharding_rules(cfg))
     except ValueError as e:
         raise BadInput(str(e)) from None
     report = {"topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
@@ -183,12 +184,15 @@ def main(argv):
     if not _TOPOLOGY.value:
         raise app.UsageError("--topology is required (v5p:2x2x2, cpu:8)")
     logging.getLogger().setLevel(logging.WARNING)
-    from vflan_jax.train.program import MEMORY_FIELDS
+    from vflan_jax.train.program import MEMORY_FIELDS, DoesNotFit
     try:
         report = measure(_CONFIG.value, _TOPOLOGY.value, _MEMORY.value)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except DoesNotFit as e:   # out of memory while lowering (compiling is measured, not raised)
+        print(f"error: {e}", file=sys.stderr)   # "does not fit in device memory: ..., change ..."
+        return EXIT_FAILURE
     print(json.dumps(report, indent=1) if _JSON.value else format_report(report), flush=True)
     if report.get("fits") is False:
         needs = f"{report['needs_gib']:.2f} GiB" if report.get("needs_gib") else "more than the device has"
@@ -202,8 +206,9 @@ def _run():
     # cpu:N is fixed before any backend starts; absl has not parsed flags yet, so read argv.
     for i, arg in enumerate(sys.argv):
         if arg.startswith("--topology"):
-            _prepare_cpu_devices(arg.split("=", 1)[1] if "=" in arg else (sys.argv[i + 1] if i + 1 < len(sys.argv) else ""))
-    app.run(main)
+            following = sys.argv[i + 1] if i + 1 < len(sys.argv) else ""
+            _prepare_cpu_devices(arg.split("=", 1)[1] if "=" in arg else following)
+    app.run(main, flags_parser=parse_absl_flags)
 
 
 if __name__ == "__main__":

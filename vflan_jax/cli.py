@@ -104,3 +104,26 @@ def log_to_file(path: str) -> None:
         _log_buffer.flush()
         root.removeHandler(_log_buffer)
         _log_buffer = None
+
+
+# ---------------------------------------------------------------------- absl flag parsing
+def parse_absl_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for app.run(flags_parser=), with every parse failure one line and exit
+    status 2: an unknown or malformed flag, and a `--config.FIELD=VALUE` override ml_collections
+    cannot apply (a field the config does not have, a value of the wrong type), named, not a traceback."""
+    import re
+
+    from absl import flags
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        found = re.search(r"'([^'\\]+)", str(e))
+        missing = found.group(1) if found else ""
+        culprits = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                    and missing in a.split("=")[0].split(".")]
+        hint = str(e).split("\\n")[-1] if "Did you mean" in str(e) else "not a field of the config"
+        message = f"{culprits[0] if culprits else 'a --config.* override'}: {hint.strip(chr(34) + chr(39))}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)

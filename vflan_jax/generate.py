@@ -19,8 +19,9 @@ import sys
 from PIL import Image
 
 from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_OK, is_url, resolve_path, route_logging
-from vflan_jax.data.conversation import IMAGE_TOKEN
+from vflan_jax.constants import IMAGE_TOKEN
 from vflan_jax.inference.generator import CONV_TEMPLATES, GenerationConfig, Generator
+from vflan_jax.parallel import OVERRIDES_HELP, ShardingRuleError, parse_overrides, rules_with
 
 
 # ---------------------------------------------------------------------- CLI
@@ -38,15 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--image_aspect", default="pad", choices=("pad", "square"))
     p.add_argument("--dtype", default=None, help="cast parameters on load (e.g. bfloat16)")
+    p.add_argument("--sharding_overrides", nargs="+", action="extend", default=[], metavar="NAME=AXES",
+                   help=OVERRIDES_HELP)
     p.add_argument("--json", action="store_true", help='print {"text": ..., "token_ids": [...]}')
     p.add_argument("--interactive", action="store_true", help="multi-turn chat about the image, lines from stdin")
     return p
 
 
+def sharding_rules(args) -> tuple:
+    return rules_with(parse_overrides(args.sharding_overrides))
+
+
 def input_error(args) -> str | None:
     """What is wrong with the command's inputs (one line naming the culprit), checked before any
     model is loaded; None when they look usable."""
-    from vflan_jax.model_checkpoint import CONFIG, is_model_checkpoint
+    from vflan_jax.checkpoint import CONFIG, is_model_checkpoint
     if not args.interactive and not (args.prompt or "").strip():
         return "--prompt is required (or use --interactive)"
     if not is_url(args.checkpoint):
@@ -72,6 +79,10 @@ def input_error(args) -> str | None:
         return "--interactive keeps the conversation in the vicuna_v1 template: drop --conv_template"
     if args.max_new_tokens < 0:
         return f"--max_new_tokens {args.max_new_tokens}: must be >= 0"
+    try:
+        sharding_rules(args)
+    except ShardingRuleError as e:
+        return f"--sharding_overrides {e}"
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         return "need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0"
     return None
@@ -91,9 +102,12 @@ def main(argv=None) -> int:
     from vflan_jax.convert.errors import ConversionError
     try:
         gen = Generator.from_checkpoint(args.checkpoint, conv_template=args.conv_template, batch_size=1,
-                                        image_aspect=args.image_aspect, dtype=args.dtype)
+                                        image_aspect=args.image_aspect, dtype=args.dtype, rules=sharding_rules(args))
     except ConversionError as e:
         print(f"error: --checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ShardingRuleError as e:   # overrides that clash on one of this model's parameters
+        print(f"error: --sharding_overrides: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if gen.tokenizer is None:
         print(f"error: --checkpoint {args.checkpoint} has no tokenizer/ (generate needs one)", file=sys.stderr)

@@ -45,6 +45,74 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class ShardingRuleError(ValueError):
+    """A bad sharding override. From rules_with the message starts with the logical name, for the
+    caller to prefix where it came from ("config sharding_overrides.", "--sharding_overrides ");
+    from param_shardings (overrides that clash on a parameter) it names the parameter and both rules."""
+
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+def parse_mesh_axes(text: str) -> MeshAxes:
+    """The text form of a rule's mesh axes, as command lines give it: 'none' (replicated),
+    'fsdp', or 'fsdp,tensor' (sharded over both, fsdp major)."""
+    text = text.strip()
+    if text.lower() == "none":
+        return None
+    axes = tuple(a.strip() for a in text.split(","))
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _checked_axes(name: str, axes) -> MeshAxes:
+    if isinstance(axes, str):
+        axes = parse_mesh_axes(axes)
+    if axes is not None and not isinstance(axes, (str, tuple, list)):
+        raise ShardingRuleError(f"{name}: {axes!r} is not None, a mesh axis name or a tuple of them")
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for axis in names:
+        if axis not in MESH_AXES:
+            raise ShardingRuleError(f"{name}: mesh axis {axis!r} is not one of {MESH_AXES} "
+                                    "(or 'none' for replicated)")
+        if names.count(axis) > 1:
+            raise ShardingRuleError(f"{name}: mesh axis {axis!r} is used twice in {','.join(names)}")
+    return None if not names else names[0] if len(names) == 1 else names
+
+
+def rules_with(overrides=None, base=DEFAULT_RULES) -> tuple[tuple[str, MeshAxes], ...]:
+    """`base` with some logical names mapped to other mesh axes: {logical name: None | 'axis' |
+    ('axis', ...) | the text form of parse_mesh_axes}. Every name and axis is checked (flax would
+    silently leave an unknown logical name unsharded). Two rules that claim one mesh axis within a
+    parameter (embed='tensor' meets vocab='tensor' in the embedding) are found by param_shardings,
+    which sees the parameters."""
+    rules = dict(base)
+    for name, axes in (overrides or {}).items():
+        if name not in rules:
+            raise ShardingRuleError(f"{name}: unknown logical axis name; known: {', '.join(rules)}")
+        rules[name] = _checked_axes(name, axes)
+    return tuple(rules.items())
+
+
+OVERRIDES_HELP = "logical axis -> mesh axes onto vflan_jax/parallel.py's DEFAULT_RULES, e.g. mlp=fsdp,tensor embed=none"
+
+
+def parse_overrides(items) -> dict[str, str]:
+    """['mlp=fsdp,tensor', 'embed=none'] (command-line flags) -> {'mlp': 'fsdp,tensor', 'embed': 'none'}."""
+    out = {}
+    for item in items or ():
+        name, sep, axes = item.partition("=")
+        if not sep or not name.strip():
+            raise ShardingRuleError(f"{item}: expected NAME=AXES, e.g. mlp=fsdp,tensor or embed=none")
+        if name.strip() in out:
+            raise ShardingRuleError(f"{name.strip()}: given twice")
+        out[name.strip()] = axes
+    return out
+
+
+def _named(shape) -> dict[str, int]:
+    return dict(zip(MESH_AXES, shape, strict=True))
+
+
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """(data, fsdp, tensor) with at most one -1 meaning 'the rest of the devices'."""
     shape = tuple(int(s) for s in shape)
@@ -54,10 +122,10 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         raise ValueError(f"mesh shape {shape}: sizes must be positive, with at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if num_devices % known:
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} does not divide the {num_devices} devices")
+        raise ValueError(f"mesh shape {_named(shape)} does not divide the {num_devices} devices")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(f"mesh shape {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} of {num_devices} devices")
+        raise ValueError(f"mesh shape {_named(shape)} uses {math.prod(shape)} of {num_devices} devices")
     return shape
 
 
@@ -105,15 +173,48 @@ def strip_boxes(boxed_params):
                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def _rule_conflict(logical_names, mesh_spec, rules) -> str | None:
+    """Flax assigns rules in table order and skips one whose mesh axes an earlier rule already gave
+    to another dimension of the same array: an override such as mlp='fsdp,tensor' would silently
+    leave the MLP kernels' mlp dimension whole (embed holds fsdp). Describes the first such dimension."""
+    def axes_of(axes):
+        return axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    wanted = {}
+    for name, axes in rules:
+        wanted.setdefault(name, axes)
+    mesh_spec = tuple(mesh_spec) + (None,) * (len(logical_names) - len(mesh_spec))
+    for name, got in zip(logical_names, mesh_spec, strict=True):
+        if got is None and wanted.get(name) is not None:
+            for other, taken in zip(logical_names, mesh_spec, strict=True):
+                clash = [a for a in axes_of(wanted[name]) if a in axes_of(taken)]
+                if clash:
+                    return (f"sharding rule {name}={wanted[name]!r} cannot apply: mesh axis {clash[0]!r} is already "
+                            f"taken by {other}; override {name} or {other} as well")
+    return None
+
+
+def check_rules(boxed_params, rules=DEFAULT_RULES) -> None:
+    """ShardingRuleError naming the first parameter in which two rules claim one mesh axis (no mesh needed)."""
+    specs = nn.get_partition_spec(boxed_params)
+    for path, names in jax.tree_util.tree_leaves_with_path(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+        conflict = _rule_conflict(tuple(names), nn.logical_to_mesh_axes(tuple(names), rules), rules)
+        if conflict:
+            raise ShardingRuleError(f"parameter {jax.tree_util.keystr(path)} with logical axes {tuple(names)}: "
+                                    f"{conflict}")
+
+
 def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedSharding per parameter (an unboxed tree) from the logical names; checks divisibility
-    so that a bad mesh for a model fails with the parameter's name, not deep inside XLA."""
+    """NamedSharding per parameter (an unboxed tree) from the logical names; checks the rules
+    (check_rules) and divisibility, so that bad rules or a bad mesh for a model fail with the
+    parameter's name, not deep inside XLA or silently."""
     specs = nn.get_partition_spec(boxed_params)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     shapes = strip_boxes(boxed_params)
+    check_rules(boxed_params, rules)
     for (path, sharding), shape in zip(jax.tree_util.tree_leaves_with_path(shardings),
-                                       jax.tree.leaves(shapes)):
-        for dim, axes in zip(shape.shape, sharding.spec):
+                                       jax.tree.leaves(shapes), strict=True):
+        for dim, axes in zip(shape.shape, sharding.spec, strict=False):   # a spec may omit trailing dims
             names = axes if isinstance(axes, tuple) else (axes,) if axes else ()
             size = math.prod(mesh.shape[a] for a in names)
             if dim % size:
@@ -177,7 +278,7 @@ def state_shardings(abstract_state, abstract_params, shardings, mesh: Mesh):
     `zeros_like` carries no data dependence on the parameter, so GSPMD replicates the moments.
     """
     by_path = {tuple(k.key for k in path): (leaf.shape, sharding) for (path, leaf), sharding in
-               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(shardings))}
+               zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(shardings), strict=True)}
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def pick(path, leaf):

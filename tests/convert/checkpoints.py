@@ -9,8 +9,15 @@ import re
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from tests.models.hf_oracle import build_hf_model
 from vflan_jax.convert.hf_config import model_config_to_hf, text_config_to_hf, vision_config_to_hf
@@ -51,9 +58,10 @@ def write_llava_hf(out: pathlib.Path, cfg: ModelConfig, layout: str = "disk", sh
         model.save_pretrained(out)
         return model
     state = model.state_dict()
-    rename = hub_name if layout == "hub" else (lambda k: k)
-    if layout == "disk":  # 5.x on-disk = hub names without vision_model.
-        rename = lambda k: hub_name(k).replace("vision_tower.vision_model.", "vision_tower.")  # noqa: E731
+    def disk_name(k):  # 5.x on-disk = hub names without vision_model.
+        return hub_name(k).replace("vision_tower.vision_model.", "vision_tower.")
+
+    rename = {"hub": hub_name, "disk": disk_name}.get(layout, lambda k: k)
     save_tensors(out, {rename(k): v for k, v in state.items()}, shards)
     (out / "config.json").write_text(json.dumps(model_config_to_hf(cfg)))
     return model

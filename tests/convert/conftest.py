@@ -5,8 +5,8 @@ import pytest
 
 from tests.convert.checkpoints import write_llava_hf, write_tokenizer
 from tests.models.hf_oracle import nano_config
+from vflan_jax.checkpoint import save_model
 from vflan_jax.convert.hf_import import import_llava_hf
-from vflan_jax.model_checkpoint import save_model
 
 
 @pytest.fixture(scope="session")

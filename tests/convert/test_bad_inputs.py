@@ -41,7 +41,8 @@ def test_missing_tensor(hf_copy):
 
 
 def test_extra_tensor(hf_copy):
-    rewrite(hf_copy / "model.safetensors", lambda t: t.update({"language_model.model.layers.0.extra.weight": torch.ones(2)}))
+    extra = {"language_model.model.layers.0.extra.weight": torch.ones(2)}
+    rewrite(hf_copy / "model.safetensors", lambda t: t.update(extra))
     fails("language_model.model.layers.0.extra.weight", "unexpected", hf_copy / "model.safetensors",
           call=lambda: import_llava_hf(hf_copy, progress=False))
 
@@ -107,7 +108,9 @@ def test_index_names_a_missing_shard(hf_copy):
 def test_bad_projector_files(tmp_path, nano_cfg):
     write_clip(tmp_path / "clip", nano_cfg)
     write_llama(tmp_path / "llm", nano_cfg)
-    run = lambda p: import_composed(tmp_path / "clip", tmp_path / "llm", p, progress=False)  # noqa: E731
+    def run(projector):
+        return import_composed(tmp_path / "clip", tmp_path / "llm", projector, progress=False)
+
     corrupt = tmp_path / "mm_projector.bin"
     corrupt.write_bytes(b"PK\x03\x04 truncated zip")
     fails(corrupt, call=lambda: run(corrupt))

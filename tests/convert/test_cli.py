@@ -7,12 +7,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 from tests.convert.checkpoints import projector_state, write_clip, write_llama
+from vflan_jax.checkpoint import load_model, load_model_config
 from vflan_jax.convert.__main__ import main
 from vflan_jax.convert.hf_import import import_composed
-from vflan_jax.model_checkpoint import load_model, load_model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -23,6 +24,7 @@ def cli(*args):
                           text=True, env=env, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_export_verify(tmp_path, llava_hf_dir, nano_cfg):
     hf_dir, _ = llava_hf_dir
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
@@ -47,9 +49,10 @@ def test_composed_import_and_errors(tmp_path, nano_cfg, capsys):
     assert main(["import-hf", "--vision_tower", str(tmp_path / "clip"), "--llm", str(tmp_path / "llm"),
                  "--projector", str(tmp_path / "mm_projector.bin"), "--out", str(tmp_path / "ckpt")]) == 0
     params, cfg = load_model(tmp_path / "ckpt")
-    ref, ref_cfg, _ = import_composed(tmp_path / "clip", tmp_path / "llm", tmp_path / "mm_projector.bin", progress=False)
+    ref, ref_cfg, _ = import_composed(tmp_path / "clip", tmp_path / "llm", tmp_path / "mm_projector.bin",
+                                      progress=False)
     assert cfg == ref_cfg and cfg.image_token_id == -200
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True))
 
     (tmp_path / "llm" / "model.safetensors").unlink()
     capsys.readouterr()

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from vflan_jax import model_checkpoint
+from vflan_jax import checkpoint
 from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_MISMATCH
 from vflan_jax.convert.__main__ import main
 
@@ -22,7 +22,7 @@ def imported(tmp_path, monkeypatch, llava_hf_dir):
 
 def test_relative_out_is_written_whole_and_nothing_else(imported):
     root, _ = imported
-    assert model_checkpoint.is_model_checkpoint(root / "ckpt/model")
+    assert checkpoint.is_model_checkpoint(root / "ckpt/model")
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["model"]  # no .partial, no orbax tmp
     assert not list((root / "ckpt/model").glob("*orbax-checkpoint-tmp*"))
 
@@ -61,12 +61,12 @@ def test_verify_mismatch_is_status_3(imported, capsys):
 
 def test_a_failed_save_leaves_neither_the_model_nor_a_partial(tmp_path, monkeypatch, llava_hf_dir):
     hf_dir, _ = llava_hf_dir
-    real_save = model_checkpoint.save_model
+    real_save = checkpoint.save_model
 
     def save_then_fail(path, *a, **k):  # fails after the params are on disk, before the rename
         real_save(path, *a, **k)
         raise OSError("disk full")
-    monkeypatch.setattr(model_checkpoint, "save_model", save_then_fail)
+    monkeypatch.setattr(checkpoint, "save_model", save_then_fail)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OSError, match="disk full"):
         main(["import-hf", "--hf_dir", str(hf_dir), "--out", "ckpt"])
@@ -74,10 +74,10 @@ def test_a_failed_save_leaves_neither_the_model_nor_a_partial(tmp_path, monkeypa
 
 
 def test_library_save_and_load_take_relative_paths(imported):
-    """model_checkpoint itself never hands Orbax a relative path (the cwd is tmp_path here)."""
+    """vflan_jax.checkpoint itself never hands Orbax a relative path (the cwd is tmp_path here)."""
     import jax
     import numpy as np
-    params, cfg = model_checkpoint.load_model("ckpt/model")
-    model_checkpoint.save_model("again", params, cfg)
-    again, _ = model_checkpoint.load_model("again")
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+    params, cfg = checkpoint.load_model("ckpt/model")
+    checkpoint.save_model("again", params, cfg)
+    again, _ = checkpoint.load_model("again")
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True))

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from tests.models.hf_oracle import hf_logits, random_batch, rel_l2
+from vflan_jax.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from vflan_jax.convert.hf_export import export_hf
 from vflan_jax.convert.image_token import sample_new_rows
-from vflan_jax.model_checkpoint import load_model, load_tokenizer
 from vflan_jax.models.llava import LlavaForConditionalGeneration as FlaxLlava
 
 
@@ -28,7 +28,8 @@ def test_export_adds_image_token_and_matches_logits(tmp_path, placeholder_checkp
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<image>") == vocab and tok.pad_token == "<pad>" and tok.pad_token_id == vocab + 1
     assert tok("w5 <image> w7")["input_ids"][-3:] == [5, vocab, 7]
-    assert load_tokenizer(ckpt).convert_tokens_to_ids("w9") == 9  # the checkpoint's own tokenizer is untouched
+    # the checkpoint's own tokenizer is untouched
+    assert load_tokenizer(tokenizer_dir(ckpt)).convert_tokens_to_ids("w9") == 9
 
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
     assert hf.config.image_token_id == vocab

@@ -12,6 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGenera
 
 from tests.convert.checkpoints import write_llava_hf
 from tests.models.hf_oracle import nano_config
+from vflan_jax.checkpoint import save_model
 from vflan_jax.convert.hf_export import export_hf
 from vflan_jax.convert.hf_import import import_llava_hf
 from vflan_jax.convert.hf_processor import build_processor
@@ -19,9 +20,8 @@ from vflan_jax.data import synthetic
 from vflan_jax.data.conversation import VICUNA_V1, render, render_prompt
 from vflan_jax.data.image import load_pixels, pixels_from_image
 from vflan_jax.data.tokenize import tokenizer_image_token
-from vflan_jax.inference.generator import GenerationConfig, Generator
 from vflan_jax.inference.batching import expand_image_placeholders
-from vflan_jax.model_checkpoint import save_model
+from vflan_jax.inference.generator import GenerationConfig, Generator
 
 QUESTION = "What shape is drawn in the picture? Answer with one word."
 WORDS = ("circle square triangle red green blue shape colour picture drawn how many what which is the "

@@ -10,9 +10,9 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from tests.convert.checkpoints import projector_state, write_clip, write_llama, write_original_llava
 from tests.models.hf_oracle import hf_logits, random_batch, rel_l2
+from vflan_jax.checkpoint import load_any
 from vflan_jax.convert.hf_config import model_config_to_hf
 from vflan_jax.convert.hf_import import import_composed
-from vflan_jax.model_checkpoint import load_any
 from vflan_jax.models.llava import LlavaForConditionalGeneration as FlaxLlava
 
 TOL = 1e-5
@@ -35,7 +35,7 @@ def assembled_reference(cfg, clip_vision, llama, proj: dict):
     model.lm_head.load_state_dict(llama.lm_head.state_dict())
     names = sorted({k.rsplit(".", 2)[-2] for k in proj})
     with torch.no_grad():
-        for hf_name, src in zip(("linear_1", "linear_2"), names):
+        for hf_name, src in zip(("linear_1", "linear_2"), names, strict=True):
             layer = getattr(model.model.multi_modal_projector, hf_name)
             layer.weight.copy_(proj[f"model.mm_projector.{src}.weight"])
             layer.bias.copy_(proj[f"model.mm_projector.{src}.bias"])
@@ -103,7 +103,7 @@ def test_without_projector_it_is_freshly_initialised(tmp_path, nano_cfg):
         for leaf in p[name].values():
             assert np.abs(leaf).max() <= fan_in ** -0.5 and leaf.std() > 0.3 * fan_in ** -0.5
     again, _, _ = import_composed(tmp_path / "clip", tmp_path / "llm", progress=False, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True))
     # The rest is the checkpoints' (logits match with the fresh projector copied into HF).
     proj = {"model.mm_projector.0.weight": torch.from_numpy(p["linear_1"]["kernel"].T.copy()),
             "model.mm_projector.0.bias": torch.from_numpy(p["linear_1"]["bias"].copy()),

@@ -6,15 +6,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file
 from transformers import LlavaForConditionalGeneration as HFLlava
 
 from tests.models.hf_oracle import hf_logits, random_batch, rel_l2
+from vflan_jax.checkpoint import load_model, save_model
 from vflan_jax.convert.__main__ import main as convert
 from vflan_jax.convert.hf_import import import_llava_hf
-from vflan_jax.model_checkpoint import load_model, save_model
 from vflan_jax.models import lora_params
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.models.lora import PROJECTIONS, LoraConfig
@@ -54,7 +53,9 @@ def test_merged_export_and_peft_adapter_give_the_lora_models_logits(lora_checkpo
     assert rel_l2(hf_logits(merged, batch), ours) <= 1e-5
 
     assert convert(["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter"), "--adapter_only"]) == 0
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert written == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.05
     base = HFLlava.from_pretrained(llava_hf_dir[0], dtype=torch.float32).eval()
     before = hf_logits(base, batch)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
@@ -66,7 +67,7 @@ def test_adapter_trained_with_peft_imports_with_the_same_logits(llava_hf_dir, tm
     hf_dir, _ = llava_hf_dir
     torch.manual_seed(0)
     base = HFLlava.from_pretrained(hf_dir, dtype=torch.float32)
-    peft_cfg = PeftLoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, modules_to_save=["multi_modal_projector"],
+    peft_cfg = PeftLoraConfig(r=4, lora_alpha=16, lora_dropout=0.1, modules_to_save=["multi_modal_projector"],
                               target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
     model = get_peft_model(base, peft_cfg)
     cfg = import_llava_hf(hf_dir, progress=False)[1]
@@ -85,6 +86,7 @@ def test_adapter_trained_with_peft_imports_with_the_same_logits(llava_hf_dir, tm
                     "--out", str(tmp_path / "ckpt")]) == 0
     params, got_cfg = load_model(tmp_path / "ckpt")
     assert got_cfg.text.lora.targets == ("q_proj", "v_proj", "down_proj") and got_cfg.text.lora.scale == 4.0
+    assert got_cfg.text.lora.dropout == 0.1   # trained with dropout; evaluated (below) without, as peft's eval()
     assert rel_l2(our_logits(params, got_cfg, batch), expected) <= 1e-5
 
 
@@ -92,7 +94,8 @@ def test_bad_adapters_are_named(llava_hf_dir, tmp_path, capsys):
     hf_dir, _ = llava_hf_dir
     base = HFLlava.from_pretrained(hf_dir, dtype=torch.float32)
     # LoRA on the vision tower: no vflan_jax place for it, so the import refuses, naming the tensor.
-    get_peft_model(base, PeftLoraConfig(r=2, target_modules=r".*vision_tower.*\.q_proj")).save_pretrained(tmp_path / "v")
+    vision_lora = PeftLoraConfig(r=2, target_modules=r".*vision_tower.*\.q_proj")
+    get_peft_model(base, vision_lora).save_pretrained(tmp_path / "v")
     assert convert(["import-hf", "--hf_dir", str(hf_dir), "--adapter", str(tmp_path / "v"),
                     "--out", str(tmp_path / "c1")]) == 2
     assert "vision_tower" in capsys.readouterr().err and not (tmp_path / "c1").exists()

@@ -10,10 +10,10 @@ from transformers import LlavaForConditionalGeneration
 
 from tests.convert.checkpoints import hub_name, write_llava_hf
 from tests.models.hf_oracle import hf_logits, random_batch, rel_l2
+from vflan_jax.checkpoint import save_model
 from vflan_jax.convert.hf_export import export_hf
 from vflan_jax.convert.hf_import import import_llava_hf
 from vflan_jax.convert.layout import canonical_key
-from vflan_jax.model_checkpoint import save_model
 
 
 def read_all(directory):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.models.hf_oracle import random_batch
+from vflan_jax.checkpoint import load_any, load_model, save_model
 from vflan_jax.convert.hf_import import import_llava_hf
-from vflan_jax.model_checkpoint import load_any, load_model, save_model
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.parallel import DEFAULT_RULES, abstract_params, make_mesh, param_shardings
 
@@ -32,7 +32,7 @@ def test_sharded_restore_and_import_match_one_device(tmp_path, llava_hf_dir):
     imported, _, _ = load_any(hf_dir, mesh)  # the on-the-fly HF import lands in the same shardings
     sharded_somewhere = 0
     for tree in (restored, imported):
-        for got, spec, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(want), jax.tree.leaves(params1)):
+        for got, spec, ref in zip(jax.tree.leaves(tree), jax.tree.leaves(want), jax.tree.leaves(params1), strict=True):
             assert got.sharding.is_equivalent_to(spec, got.ndim), (got.sharding, spec)
             assert len(got.sharding.device_set) == 8
             assert np.array_equal(np.asarray(got), np.asarray(ref))

@@ -25,7 +25,8 @@ def test_three_round_spans_cover_only_answers():
              ("human", "z"), ("gpt", "</s>w")]
     text, spans = conv.render_with_spans(turns, conv.VICUNA_V1)
     assert [text[s:e] for s, e in spans] == ["ASSISTANT: tricky</s>", "y</s>", "</s>w</s>"]
-    outside = "".join(text[a:b] for a, b in zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(text)]))
+    gaps = zip([0] + [e for _, e in spans], [s for s, _ in spans] + [len(text)], strict=True)
+    outside = "".join(text[a:b] for a, b in gaps)
     assert outside == f"{SYS} USER: <image>\nq ASSISTANT: USER: x ASSISTANT: USER: z ASSISTANT: "
 
 

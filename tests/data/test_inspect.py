@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from vflan_jax.data import image
+
+pytestmark = pytest.mark.slow   # every test runs the CLI in a subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,19 +33,19 @@ def test_inspect_real_sample(vflan_sample_dir, synthetic_suite, tmp_path):
                    "--tokenizer", synthetic_suite.tokenizer_dir, "--template", "vicuna_v1", "--max_length", 2048,
                    "--out", out, "--pixels_out", pix, "--image_size", 32, "--image_aspect", "pad")
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    lines = [json.loads(text) for text in out.read_text().splitlines()]
     n_llava = len(json.load(open(vflan_sample_dir / "llava_format.json")))
     n_raw = len(json.load(open(vflan_sample_dir / "raw_format.json")))
     assert len(lines) == n_llava + n_raw + 2
-    assert [l["line"] for l in lines] == list(range(1, len(lines) + 1))
-    ok = [l for l in lines if l["status"] == "ok"]
+    assert [row["line"] for row in lines] == list(range(1, len(lines) + 1))
+    ok = [row for row in lines if row["status"] == "ok"]
     assert len(ok) == n_llava + n_raw
-    assert {l["id"]: l["status"] for l in lines[-2:]} == {"gone": "missing_image", "noanswer": "empty_answer"}
-    for l in ok:
-        assert len(l["input_ids"]) == len(l["labels"])
-        assert l["input_ids"].count(-200) == 1 and l["labels"][l["input_ids"].index(-200)] == -100
-        assert any(x != -100 for x in l["labels"])
-        assert all(x in (-100, i) for x, i in zip(l["labels"], l["input_ids"]))
+    assert {row["id"]: row["status"] for row in lines[-2:]} == {"gone": "missing_image", "noanswer": "empty_answer"}
+    for row in ok:
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert row["input_ids"].count(-200) == 1 and row["labels"][row["input_ids"].index(-200)] == -100
+        assert any(x != -100 for x in row["labels"])
+        assert all(x in (-100, i) for x, i in zip(row["labels"], row["input_ids"], strict=True))
     # pixels: one file per ok line, equal to the library's own preprocessing of that image
     assert len(os.listdir(pix)) == len(ok)
     first = ok[0]
@@ -62,7 +65,7 @@ def test_inspect_limit(vflan_sample_dir, synthetic_suite, tmp_path):
                    "--tokenizer", synthetic_suite.tokenizer_dir, "--template", "plain", "--max_length", 2048,
                    "--out", out, "--limit", 5, "--image_size", 16, "--image_aspect", "square")
     assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(l) for l in out.read_text().splitlines()]
+    lines = [json.loads(text) for text in out.read_text().splitlines()]
     assert len(lines) == 5
     # plain template: BOS, image, caption ... (docs/REFERENCE.md §3.2)
-    assert all(l["input_ids"][1] == -200 and l["labels"][:2] == [-100, -100] for l in lines)
+    assert all(row["input_ids"][1] == -200 and row["labels"][:2] == [-100, -100] for row in lines)

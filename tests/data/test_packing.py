@@ -6,6 +6,7 @@ import grain
 import numpy as np
 import pytest
 
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vflan_jax.data import packing
 
 TPI = 4          # tokens per image
@@ -21,10 +22,10 @@ def make_elements(n, seed=0, max_text=40, max_images=2):
         t = int(rng.integers(3, max_text))
         ids = list(rng.integers(3, 50, t))
         for _ in range(m):
-            ids.insert(int(rng.integers(1, len(ids))), packing.IMAGE_PLACEHOLDER)
+            ids.insert(int(rng.integers(1, len(ids))), IMAGE_PLACEHOLDER)
         ids = np.array([1] + ids, np.int32)
-        labels = np.where(rng.random(len(ids)) < 0.5, ids, packing.IGNORE).astype(np.int32)
-        labels[ids == packing.IMAGE_PLACEHOLDER] = packing.IGNORE
+        labels = np.where(rng.random(len(ids)) < 0.5, ids, IGNORE_INDEX).astype(np.int32)
+        labels[ids == IMAGE_PLACEHOLDER] = IGNORE_INDEX
         labels[-1] = ids[-1]
         pixels = (np.arange(m, dtype=np.float32)[:, None, None, None] + 1000 * i) * np.ones(SHAPE, np.float32)
         out.append({"index": i, "input_ids": ids, "labels": labels, "pixel_values": pixels,
@@ -45,13 +46,13 @@ def packed(elements, lay, **kw):
 def reference_expand(ids, labels):
     """Independent per-token loop (packing.expand_example uses np.repeat)."""
     out_ids, out_labels = [], []
-    for t, l in zip(ids, labels):
-        if t == packing.IMAGE_PLACEHOLDER:
+    for t, label in zip(ids, labels, strict=True):
+        if t == IMAGE_PLACEHOLDER:
             out_ids += [IMG_ID] * TPI
-            out_labels += [packing.IGNORE] * TPI
+            out_labels += [IGNORE_INDEX] * TPI
         else:
             out_ids.append(int(t))
-            out_labels.append(int(l))
+            out_labels.append(int(label))
     return out_ids, out_labels
 
 
@@ -140,7 +141,7 @@ def test_resume_from_state_is_exact():
     it2.set_state(state)
     rest = [b["input_ids"] for b in it2]
     assert len(rest) == len(full) - 7
-    for a, b in zip(full[7:], rest):
+    for a, b in zip(full[7:], rest, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

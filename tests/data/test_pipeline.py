@@ -63,8 +63,8 @@ def test_deterministic_and_seeded(synthetic_suite, tokenizer):
         it = iter(ds)
         return [next(it)["input_ids"] for _ in range(3)]
     a, b, c = first(1), first(1), first(2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_hosts_read_disjoint_shares(synthetic_suite, tokenizer):
@@ -181,6 +181,7 @@ def test_config_errors_name_the_field(synthetic_suite, tokenizer):
 
 # ----------------------------------------------------------------------------- resume
 
+@pytest.mark.slow   # Grain's worker processes
 def test_resume_through_orbax_with_worker_processes(synthetic_suite, tokenizer, tmp_path):
     path, folder = bad_suite(synthetic_suite, tmp_path)
     records = json.load(open(path)) + json.load(open(synthetic_suite.train_json))[20:60]
@@ -215,7 +216,7 @@ def test_resume_through_orbax_with_worker_processes(synthetic_suite, tokenizer, 
     rest = [next(it2) for _ in range(n_total - n_first)]
     it2.close()
 
-    for a, b in zip(reference, first + rest):
+    for a, b in zip(reference, first + rest, strict=True):
         for key in ("input_ids", "targets", "segment_ids", "positions", "pixel_values", "image_mask",
                     "task_ids", "meta_record_ids"):
             np.testing.assert_array_equal(a[key], b[key])

@@ -52,7 +52,7 @@ def test_prepared_and_json_give_identical_batches_for_the_real_sample(vflan_samp
     assert len(ref) == len(got)
     n_records = sum(int((b["meta_record_ids"] != "").sum()) for b in ref)
     assert n_records >= 90            # nearly all 100 records trained (a few may be too long for 512)
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         for key in KEYS:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         assert a["meta_skips"] == b["meta_skips"]
@@ -68,7 +68,7 @@ def test_reference_mode_reads_the_checked_paths(synthetic_suite, tokenizer, tmp_
     c_prep = config(pipeline.prepared_source_config(out), num_epochs=1)
     ref, _ = all_batches(config(json_source(synthetic_suite), num_epochs=1), tokenizer)
     got, _ = all_batches(c_prep, tokenizer)
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         for key in KEYS:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 

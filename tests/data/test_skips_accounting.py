@@ -21,8 +21,8 @@ def _records(suite, tmp_path, n_good, n_missing, long_answers=0):
         shutil.copy(os.path.join(suite.image_folder, r["image"]), folder / r["image"])
     question = good[0]["conversations"][0]
     bad = [{**good[0], "id": f"missing_{i}", "image": f"nope_{i}.png"} for i in range(n_missing)]
-    long = [{**good[i], "id": f"long_{i}", "conversations": [question, {"from": "gpt", "value": "yes " + "word " * 300}]}
-            for i in range(long_answers)]
+    long_answer = {"from": "gpt", "value": "yes " + "word " * 300}
+    long = [{**good[i], "id": f"long_{i}", "conversations": [question, long_answer]} for i in range(long_answers)]
     records = good + bad + long
     random.Random(0).shuffle(records)
     path = tmp_path / "data.json"

@@ -22,7 +22,7 @@ def test_llava_list_matches_json(vflan_sample_dir):
     records = _load(path)
     examples = sources.read_examples(path)   # format auto-detected
     assert len(examples) == len(records) == 100
-    for e, r in zip(examples, records):
+    for e, r in zip(examples, records, strict=True):
         assert (e.id, e.task_name, e.image) == (r["id"], r["task_name"], r["image"])
         assert e.turns == tuple((t["from"], t["value"]) for t in r["conversations"])
         assert e.source == str(path)
@@ -46,7 +46,7 @@ def test_vflan_raw_format(vflan_sample_dir):
     records = _load(path)
     examples = sources.read_examples(path)
     assert len(examples) == len(records) == 36
-    for e, r in zip(examples, records):
+    for e, r in zip(examples, records, strict=True):
         assert e.id == r["instance_id"] and e.image == r["img_path"] and e.task_name == r["task_name"]
         assert e.turns == (("human", "<image>\n" + r["instruction"]), ("gpt", r["output"]))
         # §2.2: the instruction already holds input_text and the options block, so nothing is added twice.
@@ -199,7 +199,8 @@ def test_skip_counter_roundtrip_and_report():
 # ----------------------------------------------------------------------------- byte offsets, non-UTF-8 bytes
 
 def _rec(rid, answer="b"):
-    return {"id": rid, "task_name": "T", "image": "a.png", "conversations": _conv(("human", "<image> é"), ("gpt", answer))}
+    return {"id": rid, "task_name": "T", "image": "a.png",
+            "conversations": _conv(("human", "<image> é"), ("gpt", answer))}
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 20])

@@ -7,8 +7,9 @@ import re
 import numpy as np
 from PIL import Image
 
+from vflan_jax.constants import IGNORE_INDEX
 from vflan_jax.data import skips, sources, synthetic
-from vflan_jax.data.tokenize import IGNORE_INDEX, tokenize_example
+from vflan_jax.data.tokenize import tokenize_example
 
 
 def _records(path):
@@ -102,7 +103,8 @@ def test_readers_and_tokenizer_accept_the_whole_suite(synthetic_suite):
     tok = AutoTokenizer.from_pretrained(synthetic_suite.tokenizer_dir)
     assert type(tok).__name__ == "LlamaTokenizer" and len(tok) <= 1024 and tok.legacy is False
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 2, 0, 0)
-    assert tok.convert_ids_to_tokens(tok("USER: What ASSISTANT:").input_ids)[1:] == ["▁USER", ":", "▁What", "▁ASSISTANT", ":"]
+    pieces = tok.convert_ids_to_tokens(tok("USER: What ASSISTANT:").input_ids)
+    assert pieces[1:] == ["▁USER", ":", "▁What", "▁ASSISTANT", ":"]
     counter = skips.SkipCounter()
     examples = (sources.read_examples(synthetic_suite.train_json, on_bad=counter)
                 + sources.read_examples(synthetic_suite.heldout_json, on_bad=counter)

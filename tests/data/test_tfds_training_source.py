@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.data.test_pipeline import IMG_ID, TPI, build, config, record_ids
+from vflan_jax.constants import IGNORE_INDEX
 from vflan_jax.data import pipeline
-from vflan_jax.data.packing import IGNORE
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -41,7 +41,7 @@ def segments(batch, task_names):
             if rid:
                 where = batch["segment_ids"][r] == s + 1
                 targets = batch["targets"][r][where]
-                out.append((rid, task_names[batch["task_ids"][r][where][0]], targets[targets != IGNORE]))
+                out.append((rid, task_names[batch["task_ids"][r][where][0]], targets[targets != IGNORE_INDEX]))
     return out
 
 
@@ -90,7 +90,7 @@ def test_iterator_state_round_trips(synthetic_suite, tokenizer, cifar):
     reference = [next(it) for _ in range(4)]
     it2 = iter(make())
     it2.set_state(state)
-    for a, b in zip(reference, [next(it2) for _ in range(4)]):
+    for a, b in zip(reference, [next(it2) for _ in range(4)], strict=True):
         for key in ("input_ids", "targets", "segment_ids", "pixel_values", "task_ids", "meta_record_ids"):
             np.testing.assert_array_equal(a[key], b[key])
 

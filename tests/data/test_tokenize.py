@@ -13,11 +13,16 @@ import types
 
 import pytest
 
-from vflan_jax.data import conversation as conv
-from vflan_jax.data import skips, sources, synthetic
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from vflan_jax.data import conversation as conv, skips, sources, synthetic
 from vflan_jax.data.skips import BadRecord
-from vflan_jax.data.tokenize import (IGNORE_INDEX, IMAGE_PLACEHOLDER, expanded_length, llava_reference_labels,
-                                     tokenize_example, tokenizer_image_token, truncate)
+from vflan_jax.data.tokenize import (
+    expanded_length,
+    llava_reference_labels,
+    tokenize_example,
+    tokenizer_image_token,
+    truncate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +254,8 @@ def test_skips_counted_over_a_mixed_batch(sample_examples, flat):
     image_in_answer = sources.Example("x", "T", "a.png", (("human", "q"), ("gpt", "<image>")), "f.json", 0)
     for e in sample_examples[:20] + [image_in_answer]:
         try:
-            ids, labels = truncate(*tokenize_example(e, flat, "vicuna_v1"), max_length=576 + 80, tokens_per_image=576, example=e)
+            ids, labels = truncate(*tokenize_example(e, flat, "vicuna_v1"), max_length=576 + 80, tokens_per_image=576,
+                                   example=e)
             good += 1
         except BadRecord as err:
             skips.skip_or_raise(err, counter)

@@ -15,7 +15,7 @@ SPLITS = ("adversarial", "popular", "random")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from vflan_jax.model_checkpoint import save_model
+    from vflan_jax.checkpoint import save_model
     from vflan_jax.models.config import get_preset
     from vflan_jax.parallel import init_params, make_mesh
     root = tmp_path_factory.mktemp("e2e")
@@ -57,12 +57,12 @@ def test_run_limit_then_resume(tiny_checkpoint, tmp_path, capsys):
     args = ["run", "--benchmark", "pope", "--checkpoint", ckpt, "--data_dir", str(tmp_path / "pope"),
             "--out", str(out), "--batch_size", "4", "--max_new_tokens", "3"]
     assert main(args + ["--limit", "3"]) == 0                   # an "interrupted" run: 3 answers only
-    first = [json.loads(l) for l in open(out / "answers.jsonl")]
+    first = [json.loads(line) for line in open(out / "answers.jsonl")]
     assert len(first) == 3 and all(set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
                                    for a in first)
     assert first[0]["prompt"].endswith("\n" + SUFFIX) and first[0]["model_id"] == "ckpt"
     assert main(args) == 0                                       # resumes: only the other n - 3 are asked
-    answers = [json.loads(l) for l in open(out / "answers.jsonl")]
+    answers = [json.loads(line) for line in open(out / "answers.jsonl")]
     assert len(answers) == n and [a["answer_id"] for a in answers[:3]] == [a["answer_id"] for a in first]
     assert len({a["question_id"] for a in answers}) == n
     report = json.load(open(out / "report.json"))

@@ -52,7 +52,8 @@ def test_evaluate_matching_and_judge(tmp_path, monkeypatch):
              "cifar10/airplane/1.png": "bird", "mnist/3/0.png": "3", "mnist/3/1.png": "8"}
     answers = [{"question_id": q.question_id, "prompt": q.prompt, "text": texts[q.question_id]} for q in questions]
     result = forgetting.evaluate(answers, str(tmp_path / "data"), str(tmp_path / "out"))
-    assert result.metrics["datasets"]["cifar10"]["match_acc"] == 50 and result.metrics["datasets"]["mnist"]["match_acc"] == 50
+    datasets = result.metrics["datasets"]
+    assert datasets["cifar10"]["match_acc"] == 50 and datasets["mnist"]["match_acc"] == 50
     assert result.headline == 50
 
     def reply(body):   # the judge also accepts "kitten" for cat; says "maybe" once

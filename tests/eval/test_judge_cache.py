@@ -65,10 +65,11 @@ def test_two_answer_files_into_one_folder_get_their_own_scores(benchmark, tmp_pa
     else:
         assert good["headline"] == 100 and blank["headline"] == 0
     assert again["headline"] == good["headline"]
-    judge = lambda r: r["metrics"]["judge"]
-    assert (judge(good)["reviews_requested"], judge(good)["reviews_reused"]) == (n, 0)
-    assert (judge(blank)["reviews_requested"], judge(blank)["reviews_reused"]) == (n, 0)
-    assert (judge(again)["reviews_requested"], judge(again)["reviews_reused"]) == (0, n)
+    def reviews(report):
+        judge = report["metrics"]["judge"]
+        return judge["reviews_requested"], judge["reviews_reused"]
+
+    assert (reviews(good), reviews(blank), reviews(again)) == ((n, 0), (n, 0), (0, n))
     assert any(f"0 reviews requested, {n} reused" in note for note in again["notes"])
 
 
@@ -79,7 +80,7 @@ def test_llava_bench_reviews_file_holds_this_scoring_only(tmp_path, capsys):
         config = write_config(tmp_path / "judge.json", server.base_url)
         for model in ("good", "blank"):
             _score("llava_bench", paths[model], tmp_path / "data", config, tmp_path / "out", capsys)
-    reviews = [json.loads(l) for l in open(tmp_path / "out" / "llava_bench_reviews.jsonl")]
+    reviews = [json.loads(line) for line in open(tmp_path / "out" / "llava_bench_reviews.jsonl")]
     assert [r["tuple"] for r in reviews] == [[9.0, 2.0]] * len(answers)        # summarize_gpt_review.py input
 
 

@@ -50,7 +50,8 @@ def test_cli_prints_no_key_when_the_judge_echoes_it(tmp_path, monkeypatch, capsy
         rc = main(["score", "--benchmark", "llava_bench", "--predictions", str(predictions), "--annotations",
                    str(tmp_path / "data"), "--judge_config", config, "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
-    errors = [l for l in captured.err.splitlines() if l.startswith("error:")]     # the rest is the progress bar
+    # the rest is the progress bar
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert rc == 1 and len(errors) == 1 and "invalid key" in errors[0]
     assert SECRET not in captured.err + captured.out
 

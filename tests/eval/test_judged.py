@@ -77,7 +77,7 @@ def test_llava_bench_judge(tmp_path, monkeypatch, capsys):
     assert result.metrics["summary"]["all"]["relative_unrounded"] == pytest.approx(100 * model / ref)
     assert result.metrics["summary"]["llava_bench_conv"]["relative"] == round(100 * (6 + 5) / (8 + 10), 1)
     assert result.metrics["n_parse_failures"] == 1 and again.headline == result.headline
-    reviews = [json.loads(l) for l in open(tmp_path / "out" / "llava_bench_reviews.jsonl")]
+    reviews = [json.loads(line) for line in open(tmp_path / "out" / "llava_bench_reviews.jsonl")]
     assert {r["question_id"]: r["tuple"] for r in reviews}[2] == [-1, -1] and len(reviews) == 4
     assert result.metrics["judge"]["reviews_requested"] == 4 and again.metrics["judge"]["reviews_reused"] == 4
     assert SECRET not in _all_output_text(tmp_path / "out")
@@ -88,7 +88,7 @@ def test_llava_bench_without_judge_is_pending(tmp_path):
     answers = _write_llava_bench(tmp_path / "data")
     result = llava_bench.evaluate(answers, str(tmp_path / "data"), str(tmp_path / "out"), None)
     assert result.headline is None and any("pending" in n for n in result.notes)
-    lines = [json.loads(l) for l in open(result.files["judge_requests"])]
+    lines = [json.loads(line) for line in open(result.files["judge_requests"])]
     assert len(lines) == 4 and lines[0]["messages"][0]["role"] == "system"
 
 

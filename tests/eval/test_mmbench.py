@@ -11,7 +11,7 @@ COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category"
 
 
 def _row(index, question, options, answer, hint="nan", category="cat1"):
-    opts = dict(zip("ABCD", options + [""] * (4 - len(options))))
+    opts = dict(zip("ABCD", options + [""] * (4 - len(options)), strict=True))
     return {"index": index, "question": question, "hint": hint, **opts, "answer": answer, "category": category,
             "source": "s", "l2-category": "l2", "comment": "", "split": "dev"}
 

@@ -170,7 +170,7 @@ def test_run_cli_asks_with_image_1_and_scores(tmp_path, monkeypatch, capsys):
         assert max_new_tokens == mmmu.MAX_NEW_TOKENS
 
         def generate(prompts, images):
-            seen.extend(zip(prompts, [im.getpixel((0, 0)) for im in images]))
+            seen.extend(zip(prompts, [im.getpixel((0, 0)) for im in images], strict=True))
             return ["(A)" if "(A)" in p else "42" for p in prompts]
         return generate
     monkeypatch.setattr(cli, "_generate_fn", fake_generate_fn)

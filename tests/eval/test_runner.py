@@ -27,7 +27,7 @@ def test_resume_after_interruption(tmp_path):
     everything = run_questions(_questions(10), path, generate, batch_size=4, model_id="m")
     assert asked == [f"question {i}?" for i in range(5, 10)]
     assert [a["prompt"] for a in everything] == [f"question {i}?" for i in range(10)]
-    assert [json.loads(l)["answer_id"] for l in open(path)][:5] == [a["answer_id"] for a in first]
+    assert [json.loads(line)["answer_id"] for line in open(path)][:5] == [a["answer_id"] for a in first]
     asked.clear()
     run_questions(_questions(10), path, generate, batch_size=4, model_id="m")
     assert asked == []

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vflan_jax.data.tfds_source import TFDSInstructions, TFDSUnavailable, import_tfds
 from vflan_jax.eval import forgetting
 from vflan_jax.eval.benchmark import BenchmarkError
-from vflan_jax.eval.tfds_source import TFDSInstructions, import_tfds
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -87,5 +87,5 @@ def test_training_source_through_grain(tmp_path, mock_tfds):
 
 def test_missing_tensorflow_datasets_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)       # as if not installed
-    with pytest.raises(BenchmarkError, match=r"pip install 'vflan_jax\[tfds\]'"):
+    with pytest.raises(TFDSUnavailable, match=r"pip install 'vflan_jax\[tfds\]'"):
         import_tfds()

@@ -2,8 +2,8 @@
 import io
 import random
 
-from vflan_jax.inference.generator import GenerationResult
 from vflan_jax.inference.chat import chat
+from vflan_jax.inference.generator import GenerationResult
 
 
 class RecordingGenerator:

@@ -14,11 +14,13 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
+from vflan_jax.checkpoint import save_model
 from vflan_jax.data import synthetic
 from vflan_jax.inference.generator import GenerationConfig, Generator
-from vflan_jax.model_checkpoint import save_model
 from vflan_jax.models.config import get_preset
 from vflan_jax.parallel import abstract_params
+
+pytestmark = pytest.mark.slow   # the CLI runs in subprocesses
 
 QUESTION = "What colour is the square?"
 

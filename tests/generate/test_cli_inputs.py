@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from vflan_jax import generate
+from vflan_jax.checkpoint import CONFIG, PARAMS
 from vflan_jax.cli import EXIT_BAD_INPUT
-from vflan_jax.model_checkpoint import CONFIG, PARAMS
 
 
 @pytest.fixture
@@ -34,6 +34,10 @@ Q = "What is this?"
     (["--checkpoint", "ckpt", "--prompt", "<image>\nWhat is this?"], "contains <image> but no --image"),
     (["--checkpoint", "ckpt", "--image", "good.png", "--prompt", "Hi", "--conv_template", "none"], "put <image> where"),
     (["--checkpoint", "ckpt", "--prompt", "Hi", "--top_p", "0"], "0 < --top_p <= 1"),
+    (["--checkpoint", "ckpt", "--prompt", "Hi", "--sharding_overrides", "mlpp=tensor"],
+     "--sharding_overrides mlpp: unknown logical axis name"),
+    (["--checkpoint", "ckpt", "--prompt", "Hi", "--sharding_overrides", "mlp=fsdp,fsdp"],
+     "--sharding_overrides mlp: mesh axis 'fsdp' is used twice"),
 ])
 def test_bad_input_is_one_line_and_status_2(inputs, capsys, args, culprit):
     assert generate.main(args) == EXIT_BAD_INPUT
@@ -42,3 +46,18 @@ def test_bad_input_is_one_line_and_status_2(inputs, capsys, args, culprit):
     assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
     assert culprit.format(inputs) in lines[0]
     assert captured.out == ""
+
+
+def test_sharding_overrides_reach_the_loader(inputs, monkeypatch):
+    """--sharding_overrides: the rules the checkpoint is loaded (and generation runs) with."""
+    from vflan_jax.convert.errors import ConversionError
+    from vflan_jax.parallel import rules_with
+    seen = {}
+
+    def record(path, **kw):
+        seen.update(kw)
+        raise ConversionError("stop here")
+    monkeypatch.setattr(generate.Generator, "from_checkpoint", record)
+    args = ["--checkpoint", "ckpt", "--prompt", "Hi", "--sharding_overrides", "mlp=fsdp,tensor", "embed=none"]
+    assert generate.main(args) == EXIT_BAD_INPUT
+    assert seen["rules"] == rules_with({"mlp": ("fsdp", "tensor"), "embed": None})

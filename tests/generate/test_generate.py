@@ -60,7 +60,7 @@ def test_cache_decoding_equals_full_recompute(setup):
     model = LlavaForConditionalGeneration(cfg)
     length = 64
     full = jax.jit(lambda ids, pix, seg: model.apply({"params": params}, ids, pix, None, None, seg))
-    for ids, pix, generated in zip(setup["ids"], setup["pixels"], setup["greedy"]):
+    for ids, pix, generated in zip(setup["ids"], setup["pixels"], setup["greedy"], strict=True):
         assert len(generated) == NEW and 2 not in generated[:-1]
         prompt = _expanded(ids, cfg, cfg.image_token_id)
         for t, token in enumerate(generated):
@@ -75,7 +75,7 @@ def test_cache_decoding_equals_full_recompute(setup):
 
 def test_greedy_equals_transformers_generate(setup):
     hf, hf_cfg = setup["hf"], setup["hf_cfg"]
-    for ids, pix, ours in zip(setup["ids"], setup["pixels"], setup["greedy"]):
+    for ids, pix, ours in zip(setup["ids"], setup["pixels"], setup["greedy"], strict=True):
         hf_ids = torch.tensor([_expanded(ids, hf_cfg, hf_cfg.image_token_id)])
         with torch.no_grad():
             out = hf.generate(input_ids=hf_ids, pixel_values=torch.from_numpy(pix[None]),
@@ -116,7 +116,7 @@ def test_eos_and_stop_strings_stop_each_row_alone(setup):
     eos = greedy[0][3]
     gen = Generator(setup["params"], setup["cfg"], WordTokenizer(eos_token_id=eos), batch_size=4)
     got = gen.generate_ids(setup["ids"], setup["pixels"], GenerationConfig(max_new_tokens=NEW))
-    for row, result in zip(greedy, got):
+    for row, result in zip(greedy, got, strict=True):
         expect = row[:row.index(eos) + 1] if eos in row else row
         assert result.token_ids == expect
         assert result.text == " ".join(f"w{t}" for t in expect if t not in (0, 1, 2, eos))
@@ -126,7 +126,7 @@ def test_eos_and_stop_strings_stop_each_row_alone(setup):
     cut = greedy[1].index(stop_token)
     assert got[1].token_ids == greedy[1][:cut + 1]
     assert got[1].text == " ".join(f"w{t}" for t in greedy[1][:cut])
-    for row, result in zip((greedy[0], greedy[2]), (got[0], got[2])):  # other rows unaffected
+    for row, result in zip((greedy[0], greedy[2]), (got[0], got[2]), strict=True):  # other rows unaffected
         if stop_token not in row and eos not in row:
             assert result.token_ids == row
 

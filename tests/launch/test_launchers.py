@@ -12,8 +12,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "launch"))
-import _common  # noqa: E402
-import tpu_pod  # noqa: E402
+import _common  # noqa: E402 - launch/ holds scripts, not a package: importable once its folder is on the path
+import tpu_pod  # noqa: E402 - likewise
 
 STAGE1 = "configs/vflan_stage1.py:size=13b,data_dir=/shared/vision-flan"
 
@@ -39,13 +39,13 @@ def test_slurm_two_nodes_of_eight(per, tasks, cpus):
     assert lines[1] == "cat > /shared/runs/s1/slurm/vflan.sbatch <<'EOF'"
     assert lines[-1] == "sbatch /shared/runs/s1/slurm/vflan.sbatch"
     body = sbatch_body(out)
-    sbatch = [l for l in body.splitlines() if l.startswith("#SBATCH")]
+    sbatch = [line for line in body.splitlines() if line.startswith("#SBATCH")]
     for want in ("--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", f"--cpus-per-task={cpus}",
                  "--signal=TERM@120", "--requeue", "--time=24:00:00", "--partition=gpu"):
         assert f"#SBATCH {want}" in sbatch
     assert 'export JAX_COORDINATOR_ADDRESS="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):12355"' in body
     assert 'export JAX_NUM_PROCESSES="$SLURM_NTASKS"' in body
-    srun = next(l for l in body.splitlines() if l.startswith("srun "))
+    srun = next(line for line in body.splitlines() if line.startswith("srun "))
     task = shlex.split(srun)[-1]
     assert task.startswith("export JAX_PROCESS_ID=$SLURM_PROCID")
     assert ("JAX_LOCAL_DEVICE_IDS=$SLURM_LOCALID" in task) == (per == "gpu")
@@ -132,8 +132,9 @@ def test_tpu_existing_vm_and_tpu_vm_create():
         in created[1]
     assert dry("tpu_pod.py", "--name", "pod", "--zone", "z", "--action", "logs").strip() == \
         "gcloud compute tpus tpu-vm ssh pod --zone=z --worker=0 '--command=tail -n 200 -F ~/vflan_train.log'"
-    assert dry("tpu_pod.py", "--name", "pod", "--zone", "z", "--create", "queued", "--accelerator_type", "v5p-8",
-               "--action", "delete").strip() == "gcloud compute tpus queued-resources delete pod-qr --zone=z --force --quiet"
+    deleted = dry("tpu_pod.py", "--name", "pod", "--zone", "z", "--create", "queued", "--accelerator_type", "v5p-8",
+                  "--action", "delete")
+    assert deleted.strip() == "gcloud compute tpus queued-resources delete pod-qr --zone=z --force --quiet"
 
 
 def test_tpu_retry_decisions():
@@ -161,13 +162,18 @@ def test_non_override_arguments_are_refused():
     assert proc.returncode != 0 and "only --config.FIELD=VALUE" in proc.stderr
 
 
+def _scripted_trainer(statuses):
+    """A trainer stand-in exiting with `statuses` in turn, and the list its runs are counted in."""
+    exits, runs = iter(statuses), []
+    return runs, lambda: runs.append(1) or next(exits)
+
+
 def test_resume_loop_reruns_only_after_status_75():
     for statuses, restarts, calls, final in (([75, 75, 0], 5, 3, 0), ([1], 5, 1, 1), ([75, 75, 75, 75], 2, 3, 75),
                                               ([75, 137], 5, 2, 137)):
-        seen = iter(statuses)
-        count = []
-        rc = _common.resume_loop(lambda: count.append(1) or next(seen), restarts)
-        assert (len(count), rc) == (calls, final)
+        runs, trainer = _scripted_trainer(statuses)
+        rc = _common.resume_loop(trainer, restarts)
+        assert (len(runs), rc) == (calls, final)
 
 
 def test_single_gpu_resumes_a_preempted_trainer(tmp_path):
@@ -179,7 +185,8 @@ def test_single_gpu_resumes_a_preempted_trainer(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch/single_gpu.py"), "--config", "configs/demo.py",
                            "--workdir", "w", "--python", str(fake)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "calls").read_text().splitlines() == ["-m vflan_jax.train --config configs/demo.py --workdir w"] * 2
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["-m vflan_jax.train --config configs/demo.py --workdir w"] * 2
 
 
 def test_gpu_xla_flags_are_known_to_the_pinned_jaxlib():
@@ -195,6 +202,7 @@ def test_gpu_xla_flags_are_known_to_the_pinned_jaxlib():
 
 def test_vflan_distributed_auto_initialises_jax_distributed(monkeypatch):
     import jax
+
     from vflan_jax import parallel
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)

@@ -37,7 +37,8 @@ def flax_params_from_hf(cfg: ModelConfig, model) -> dict:
     return params_from_tensors(llava_layout(cfg), state.__getitem__)
 
 
-def random_batch(cfg: ModelConfig, images_per_row: list[int], seq_len: int, seed: int, pad_right: list[int] | None = None):
+def random_batch(cfg: ModelConfig, images_per_row: list[int], seq_len: int, seed: int,
+                 pad_right: list[int] | None = None):
     """ids with image tokens spliced at random places, pixels, mask; HF and vflan_jax views."""
     rng = np.random.default_rng(seed)
     n = cfg.tokens_per_image

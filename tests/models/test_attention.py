@@ -7,8 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vflan_jax.models.attention import (blockwise_attention, cudnn_unsupported_reason, resolve_implementation,
-                                        self_attention, splash_attention)
+from vflan_jax.models.attention import (
+    blockwise_attention,
+    cudnn_unsupported_reason,
+    resolve_implementation,
+    self_attention,
+    splash_attention,
+)
 
 SCALE = 0.3
 
@@ -34,7 +39,7 @@ def value_and_grads(attend, q, k, v):
 def assert_same(ours, ref, atol=2e-5):
     (lo, go), (lr, gr) = ours, ref
     np.testing.assert_allclose(lo, lr, rtol=1e-5)
-    for name, a, b in zip("qkv", go, gr):
+    for name, a, b in zip("qkv", go, gr, strict=True):
         np.testing.assert_allclose(a, b, atol=atol, rtol=1e-4, err_msg=f"d{name}")
 
 

@@ -18,7 +18,8 @@ def _count(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(tree)))
 
 
-@pytest.mark.parametrize("name,text,projector", [("7b", 6_738_415_616, 20_979_712), ("13b", 13_015_864_320, 31_467_520)])
+@pytest.mark.parametrize("name,text,projector",
+                         [("7b", 6_738_415_616, 20_979_712), ("13b", 13_015_864_320, 31_467_520)])
 def test_presets_have_the_published_parameter_counts(name, text, projector):
     """Counts from docs/REFERENCE.md §1 (computed from the HF shapes), evaluated without allocating."""
     params = abstract_params(get_preset(name))
@@ -40,6 +41,7 @@ def _example(cfg, rng, length):
     return ids, pix
 
 
+@pytest.mark.slow   # in-process, but a minute or more of compiling on 2 cores
 def test_packed_examples_do_not_see_each_other():
     """Two examples packed into one row give exactly the logits each gets alone."""
     cfg = nano_config()
@@ -47,7 +49,8 @@ def test_packed_examples_do_not_see_each_other():
     model = LlavaForConditionalGeneration(cfg)
     rng = np.random.default_rng(0)
     (a, pa), (b, pb) = _example(cfg, rng, 9), _example(cfg, rng, 11)
-    alone = [model.apply({"params": params}, jnp.asarray(x)[None], jnp.asarray(p)[None, None]) for x, p in ((a, pa), (b, pb))]
+    alone = [model.apply({"params": params}, jnp.asarray(x)[None], jnp.asarray(p)[None, None])
+             for x, p in ((a, pa), (b, pb))]
     row = np.concatenate([a, b, np.zeros(3, np.int32)])[None]
     seg = np.array([[1] * 9 + [2] * 11 + [0] * 3])
     pos = np.array([list(range(9)) + list(range(11)) + [0] * 3])
@@ -57,6 +60,7 @@ def test_packed_examples_do_not_see_each_other():
     np.testing.assert_allclose(packed[0, 9:20], alone[1][0], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow   # in-process, but a minute or more of compiling on 2 cores
 def test_remat_policies_give_the_same_gradients():
     rng = np.random.default_rng(1)
     base = nano_config()
@@ -102,7 +106,8 @@ def test_image_token_count_mismatch_is_a_clear_error():
     ids, pix = _example(cfg, np.random.default_rng(3), 10)
     ids[1] = 5  # one image slot too few
     with pytest.raises(ValueError, match="image token count mismatch.*row 0 has 3 tokens"):
-        LlavaForConditionalGeneration(cfg).apply({"params": params}, jnp.asarray(ids)[None], jnp.asarray(pix)[None, None])
+        LlavaForConditionalGeneration(cfg).apply({"params": params}, jnp.asarray(ids)[None],
+                                                 jnp.asarray(pix)[None, None])
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -1,5 +1,6 @@
-"""LoRA layer (models/lora.py): its maths against a numpy reference, merge parity, quantized storage,
-the trainable mask, config resolution, and adapters sharded like their base on 8 devices."""
+"""LoRA layer (models/lora.py): its maths against a numpy reference, dropout as PEFT applies it, merge
+parity, quantized storage, the trainable mask, config resolution, and adapters sharded like their base
+on 8 devices."""
 import json
 
 import flax.linen as nn
@@ -11,12 +12,20 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.models.hf_oracle import nano_config
-from vflan_jax.train import optim
 from vflan_jax.models import lora_params
 from vflan_jax.models.llava import LlavaForConditionalGeneration
-from vflan_jax.models.lora import (NF4_TABLE, PROJECTIONS, LoraConfig, LoraDense, default_lora_config, dequantize,
-                                   lora_config_from, quantize)
+from vflan_jax.models.lora import (
+    NF4_TABLE,
+    PROJECTIONS,
+    LoraConfig,
+    LoraDense,
+    default_lora_config,
+    dequantize,
+    lora_config_from,
+    quantize,
+)
 from vflan_jax.parallel import DEFAULT_RULES, init_params, make_mesh, strip_boxes
+from vflan_jax.train import optim
 
 
 def rel_l2(a, b):
@@ -48,8 +57,8 @@ def batch(cfg, b=2, extra=7, seed=1):
 
 
 def init(cfg, seed=0):
-    params = LlavaForConditionalGeneration(cfg).init(jax.random.key(seed), *batch(cfg))["params"]
-    return strip_boxes(params)
+    params = jax.jit(LlavaForConditionalGeneration(cfg).init)(jax.random.key(seed), *batch(cfg))["params"]
+    return strip_boxes(params)   # jitted: an eager init of the whole model takes longer than its compile
 
 
 def test_layer_equals_the_lora_formula():
@@ -65,6 +74,71 @@ def test_layer_equals_the_lora_formula():
     ref = x @ w + (12.0 / 6) * (x @ a) @ b
     assert rel_l2(out, ref) <= 1e-6
     assert np.all(np.abs(a) <= 1 / np.sqrt(24)) and np.std(a) > 0.5 / np.sqrt(3 * 24)  # PEFT's U(+-1/sqrt(in))
+
+
+def test_dropout_acts_on_the_adapter_input_as_peft():
+    """peft's lora.Linear: base(x) + lora_B(lora_A(dropout(x))) * scaling. With our layer's mask put into
+    peft's dropout slot, the outputs agree; without a dropout RNG our layer equals peft in eval mode."""
+    import peft
+    import torch
+    rate, rng = 0.25, np.random.default_rng(4)
+    x = rng.standard_normal((4, 64, 24)).astype(np.float32)
+    layer = LoraDense(40, ("embed", "mlp"), LoraConfig(rank=6, alpha=12.0, dropout=rate), jnp.float32, jnp.float32)
+    params = jax.tree.map(np.array, nn.unbox(layer.init(jax.random.key(0), x)["params"]))
+    params["lora_b"] = rng.standard_normal((6, 40)).astype(np.float32)
+    out, sown = layer.apply({"params": params}, x, rngs={"dropout": jax.random.key(3)},
+                            mutable=["intermediates"])
+    keep = np.asarray(sown["intermediates"]["dropout_keep"][0])
+    assert keep.shape == x.shape and abs(keep.mean() - (1 - rate)) < 0.03   # p is the drop probability
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 40, bias=False)
+    config = peft.LoraConfig(r=6, lora_alpha=12, lora_dropout=rate, target_modules=["proj"])
+    model = peft.inject_adapter_in_model(config, Holder())
+    with torch.no_grad():
+        model.proj.base_layer.weight.copy_(torch.from_numpy(params["kernel"].T))
+        model.proj.lora_A["default"].weight.copy_(torch.from_numpy(params["lora_a"].T))
+        model.proj.lora_B["default"].weight.copy_(torch.from_numpy(params["lora_b"].T))
+    # torch's dropout scales what it keeps by 1 / (1 - p): read off its output on ones.
+    values = np.unique(torch.nn.functional.dropout(torch.ones(4096), rate, training=True).numpy())
+    assert len(values) == 2 and values[0] == 0 and values[1] == pytest.approx(1 / (1 - rate), rel=1e-6)
+
+    class FixedMask(torch.nn.Module):   # torch's dropout with our mask
+        def forward(self, t):
+            return t * torch.from_numpy(keep.copy()) / (1 - rate)
+    dropout = model.proj.lora_dropout["default"]
+    model.proj.lora_dropout["default"] = FixedMask()
+    with torch.no_grad():
+        expected = model.proj(torch.from_numpy(x)).numpy()
+    assert rel_l2(out, expected) <= 1e-6
+    ref = x @ params["kernel"] + 2.0 * ((x * keep / (1 - rate)) @ params["lora_a"]) @ params["lora_b"]
+    assert rel_l2(out, ref) <= 1e-6
+    model.proj.lora_dropout["default"] = dropout
+    model.eval()
+    with torch.no_grad():
+        expected = model.proj(torch.from_numpy(x)).numpy()
+    assert rel_l2(layer.apply({"params": params}, x), expected) <= 1e-6   # no RNG: no dropout
+    assert rel_l2(out, expected) > 1e-2
+
+
+@pytest.mark.slow   # in-process, but a minute or more of compiling on 2 cores
+def test_dropout_masks_are_drawn_per_layer_and_projection_and_absent_without_a_key():
+    cfg, plain = lora_cfg(dropout=0.3), lora_cfg()
+    params = random_adapters(init(cfg))
+    ids, pix = batch(cfg)
+    model = LlavaForConditionalGeneration(cfg)
+    logits, sown = model.apply({"params": params}, ids, pix, rngs={"dropout": jax.random.key(5)},
+                               mutable=["intermediates"])
+    masks = sown["intermediates"]["language_model"]["layers"]["self_attn"]
+    q, k = (np.asarray(masks[n]["dropout_keep"][0]) for n in ("q_proj", "k_proj"))
+    assert q.shape[0] == cfg.text.num_layers   # [layers, batch, tokens, in]
+    assert not np.array_equal(q[0], q[1]) and not np.array_equal(q, k)   # one mask per layer and projection
+    reference = LlavaForConditionalGeneration(plain).apply({"params": params}, ids, pix)
+    assert rel_l2(logits, reference) > 1e-3
+    # Without a dropout RNG (evaluation, export; generation's KV-cache path never passes one): no dropout.
+    np.testing.assert_array_equal(model.apply({"params": params}, ids, pix), reference)
 
 
 @pytest.mark.parametrize("quant", ["none", "int8", "nf4"])
@@ -141,8 +215,10 @@ def test_config_block_resolves_targets_and_rejects_bad_values():
     assert lora_config_from(c).targets == PROJECTIONS and lora_config_from(c).scale == 2.0
     c.target_modules = (r"self_attn/(q|v)_proj",)
     assert lora_config_from(c).targets == ("q_proj", "v_proj")
+    c.dropout = 0.05
+    assert lora_config_from(c).dropout == 0.05
     for field, value, words in (("target_modules", ("self_atn/q",), "matches none"), ("quantize", "int4", "quantize"),
-                                ("dropout", 0.05, "not implemented"), ("alpha", 0.0, "alpha")):
+                                ("dropout", 1.0, "probability"), ("alpha", 0.0, "alpha")):
         bad = ml_collections.ConfigDict(c.to_dict())
         bad[field] = value
         with pytest.raises(ValueError, match=words):
@@ -152,9 +228,10 @@ def test_config_block_resolves_targets_and_rejects_bad_values():
     assert type(cfg).from_dict(json.loads(cfg.to_json())) == cfg
 
 
+@pytest.mark.slow   # in-process, but a minute or more of compiling on 2 cores
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
 def test_adapters_shard_like_their_base_on_8_devices():
-    cfg = lora_cfg()
+    cfg = lora_cfg(dropout=0.2)   # training's forward: dropout masks drawn on sharded activations
     mesh = make_mesh((2, 2, 2))
     params, _ = init_params(cfg, mesh)
     layers = params["language_model"]["layers"]
@@ -168,9 +245,11 @@ def test_adapters_shard_like_their_base_on_8_devices():
     sharded = jax.device_put(single, jax.tree.map(lambda x: x.sharding, params))
     ids, pix = batch(cfg, b=4)
     model = LlavaForConditionalGeneration(cfg)
+    rngs = {"dropout": jax.random.key(7)}
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        out = jax.jit(lambda p: model.apply({"params": p}, ids, pix))(sharded)
-    assert rel_l2(out, model.apply({"params": single}, ids, pix)) <= 1e-5
+        out = jax.jit(lambda p: model.apply({"params": p}, ids, pix, rngs=rngs))(sharded)
+    # The same masks as on one device (partitionable threefry): the sharding changes no value.
+    assert rel_l2(out, model.apply({"params": single}, ids, pix, rngs=rngs)) <= 1e-5
 
 
 

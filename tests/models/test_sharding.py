@@ -9,7 +9,18 @@ from jax.sharding import PartitionSpec as P
 
 from tests.models.hf_oracle import nano_config
 from vflan_jax.models.llava import LlavaForConditionalGeneration
-from vflan_jax.parallel import DEFAULT_RULES, init_params, logical_sharding, make_mesh, resolve_mesh_shape
+from vflan_jax.parallel import (
+    DEFAULT_RULES,
+    ShardingRuleError,
+    abstract_params,
+    init_params,
+    logical_sharding,
+    make_mesh,
+    param_shardings,
+    parse_overrides,
+    resolve_mesh_shape,
+    rules_with,
+)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see tests/conftest.py")
 
@@ -69,3 +80,44 @@ def test_indivisible_parameter_names_the_parameter():
     cfg = nano_config(**{"text.vocab_size": 130})  # vocab rows go over tensor=4
     with pytest.raises(ValueError, match=r"embed_tokens.*cannot be sharded.*130 is not divisible by 4"):
         init_params(cfg, make_mesh((1, 2, 4)))
+
+
+def test_rules_with_merges_overrides_in_every_form():
+    rules = dict(rules_with({"mlp": "fsdp,tensor", "embed": "none", "heads": ("data",), "vocab": None}))
+    assert (rules["mlp"], rules["embed"], rules["heads"], rules["vocab"]) == (("fsdp", "tensor"), None, "data", None)
+    assert {k: v for k, v in rules.items() if k not in ("mlp", "embed", "heads", "vocab")} == {
+        k: v for k, v in DEFAULT_RULES if k not in ("mlp", "embed", "heads", "vocab")}
+    # The order is kept: flax takes the first rule that matches.
+    assert [k for k, _ in rules_with({"mlp": None})] == [k for k, _ in DEFAULT_RULES]
+    assert parse_overrides(["mlp=fsdp,tensor", "embed=none"]) == {"mlp": "fsdp,tensor", "embed": "none"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mlpp": "tensor"}, "mlpp: unknown logical axis name; known: act_batch"),
+    ({"mlp": "model"}, "mlp: mesh axis 'model' is not one of ('data', 'fsdp', 'tensor')"),
+    ({"mlp": ("fsdp", "tensor", "fsdp")}, "mlp: mesh axis 'fsdp' is used twice in fsdp,tensor,fsdp"),
+    ({"embed": "fsdp,"}, "embed: mesh axis '' is not one of"),
+    ({"embed": 2}, "embed: 2 is not None, a mesh axis name or a tuple of them"),
+])
+def test_a_bad_override_is_named(overrides, message):
+    with pytest.raises(ShardingRuleError) as e:
+        rules_with(overrides)
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("items,message", [(["mlp"], "mlp: expected NAME=AXES"),
+                                           (["mlp=tensor", "mlp=none"], "mlp: given twice")])
+def test_bad_override_flags_are_named(items, message):
+    with pytest.raises(ShardingRuleError, match=message):
+        parse_overrides(items)
+
+
+
+def test_overrides_that_clash_on_a_parameter_are_named():
+    """flax would silently leave a dimension whole when an earlier rule holds its mesh axis."""
+    boxed, mesh = abstract_params(nano_config()), make_mesh((2, 2, 2))
+    with pytest.raises(ShardingRuleError, match=r"down_proj.*logical axes \('layers', 'mlp', 'embed'\): sharding rule "
+                       r"mlp=\('fsdp', 'tensor'\) cannot apply: mesh axis 'fsdp' is already taken by embed"):
+        param_shardings(boxed, mesh, rules_with({"mlp": "fsdp,tensor"}))
+    resolved = param_shardings(boxed, mesh, rules_with({"mlp": "fsdp,tensor", "embed": "none"}))
+    assert resolved["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"].spec == P(None, None, ("fsdp", "tensor"))

@@ -2,11 +2,12 @@
 import importlib.util
 import json
 import pathlib
+import random
 
 import pytest
 
-from vflan_jax.train import config as train_config
 from vflan_jax.models.config import get_preset
+from vflan_jax.train import config as train_config, recipes
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py"))
@@ -25,7 +26,8 @@ def fake_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     record = [{"id": "1", "image": "a.jpg", "task_name": "t",
                "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]
-    for rel in ("vision-flan/vision_flan.json", "llava/llava_instruct_150k.json", "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"):
+    for rel in ("vision-flan/vision_flan.json", "llava/llava_instruct_150k.json",
+                "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(json.dumps(record))
     for rel in ("vision-flan/images", "llava/coco/train2017", "LLaVA-Pretrain/images"):
@@ -34,7 +36,8 @@ def fake_data(tmp_path_factory):
 
 
 def test_the_expected_configs_ship():
-    assert {"demo", "llava15_pretrain", "vflan_stage1", "vflan_stage2", "mixed_single_stage", "ablation_tasks"} <= set(CONFIGS)
+    expected = {"demo", "llava15_pretrain", "vflan_stage1", "vflan_stage2", "mixed_single_stage", "ablation_tasks"}
+    assert expected <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -71,11 +74,13 @@ def test_recipe_numbers():
     assert (s1.optim.learning_rate, s1.global_batch_size, s1.total_steps) == (2e-5, 128, 13003)
     assert (s1.optim.warmup_ratio, s1.optim.weight_decay, s1.optim.max_grad_norm) == (0.03, 0.0, 1.0)
     assert (s1.data.max_length, s1.data.template, s1.data.image_aspect) == (2048, "vicuna_v1", "pad")
-    assert (s2.optim.learning_rate, s2.global_batch_size, s2.total_steps, s2.data.sources.llava.subset) == (1e-5, 64, 128, 1000)
+    assert (s2.optim.learning_rate, s2.global_batch_size, s2.total_steps) == (1e-5, 64, 128)
+    assert s2.data.sources.llava.subset == 1000
     assert (pre.optim.learning_rate, pre.global_batch_size, tuple(pre.optim.trainable)) == (1e-3, 256, ("projector",))
     assert (pre.data.template, pre.data.image_aspect) == ("plain", "square")
     ab = load("ablation_tasks", "tasks=10,per_task=10000")
-    assert (ab.data.sources.vflan.budget_tasks, ab.data.sources.vflan.budget_per_task, ab.total_steps) == (10, 10000, 782)
+    vflan = ab.data.sources.vflan
+    assert (vflan.budget_tasks, vflan.budget_per_task, ab.total_steps) == (10, 10000, 782)
 
 
 def _demo(tmp_path):
@@ -88,7 +93,8 @@ def _demo(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda c: setattr(c, "global_batch_size", 6), "config global_batch_size: 6 is not divisible by mesh data x fsdp = 4"),
+    (lambda c: setattr(c, "global_batch_size", 6),
+     "config global_batch_size: 6 is not divisible by mesh data x fsdp = 4"),
     (lambda c: setattr(c.data, "template", "vicuna_v2"), "data config: template: 'vicuna_v2' is not one of"),
     (lambda c: setattr(c, "nonfinite", "ignore"), "config nonfinite: 'ignore' is not one of"),
     (lambda c: setattr(c.mesh, "tensor", 3), "config mesh: mesh shape"),
@@ -122,3 +128,37 @@ def test_bad_config_argument_is_named():
         load("vflan_stage1", "size=70b")
     with pytest.raises(ValueError, match="'sise' is unknown"):
         load("vflan_stage1", "sise=7b")
+
+
+def test_config_arguments_take_the_type_of_their_defaults():
+    rng = random.Random(17)
+    tasks, rate, name = rng.randint(1, 10**6), rng.uniform(-5, 5), f"run{rng.randint(0, 99)}"
+    got = recipes.parse_arg(f"tasks={tasks},rate={rate!r},name={name},lora=1",
+                            tasks=187, rate=0.5, name="x", lora=False, untouched=3)
+    assert got == {"tasks": tasks, "rate": rate, "name": name, "lora": True, "untouched": 3}
+    assert [type(got[k]) for k in ("tasks", "rate", "name", "lora")] == [int, float, str, bool]
+    # a float default takes an integer spelling; a str default keeps digits as text
+    assert recipes.parse_arg("rate=3,name=007", rate=0.5, name="x") == {"rate": 3.0, "name": "007"}
+
+
+@pytest.mark.parametrize("text,value", [("1", True), ("true", True), ("Yes", True),
+                                        ("0", False), ("FALSE", False), ("no", False)])
+def test_boolean_config_arguments(text, value):
+    assert recipes.parse_arg(f"lora={text}", lora=not value)["lora"] is value
+
+
+@pytest.mark.parametrize("arg,message", [("tasks=ten", "tasks='ten': expected int, like the default 187"),
+                                         ("tasks=1.5", "tasks='1.5': expected int"),
+                                         ("rate=fast", "rate='fast': expected float"),
+                                         ("lora=2", "lora='2': use 1 or 0")])
+def test_a_config_argument_of_the_wrong_type_is_named(arg, message):
+    with pytest.raises(ValueError, match=message):
+        recipes.parse_arg(arg, tasks=187, rate=0.5, lora=False)
+
+
+def test_recipes_read_typed_arguments():
+    assert load("vflan_stage2", "num_conversations=500").data.sources.llava.subset == 500
+    assert load("mixed_single_stage", "num_conversations=500").data.sources.llava.subset == 500
+    assert load("demo", "lora=true").lora.rank == 64 and load("demo", "lora=0").lora.rank == load("demo").lora.rank == 0
+    with pytest.raises(ValueError, match="per_task='many'"):
+        load("ablation_tasks", "per_task=many")

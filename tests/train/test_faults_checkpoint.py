@@ -24,6 +24,7 @@ def run_python(code: str, timeout: int = 180) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_save_orbax_would_wait_on_forever_fails_within_the_bound(tmp_path):
     # The folder is replaced by a file after step 1. Orbax's background thread fails to create
     # the step directory and its save then waits forever for the signal that thread never sends
@@ -59,10 +60,11 @@ def test_the_probe_names_an_unwritable_folder_before_orbax_sees_it(tmp_path):
         ck.save(1, {"w": jnp.ones(2)}, iter(grain.MapDataset.range(4).to_iter_dataset()), {})
 
 
+@pytest.mark.slow
 def test_a_second_signal_exits_at_once_even_while_stuck(tmp_path):
     proc = run_python("""
         import os, signal, time
-        from vflan_jax.train.__main__ import StopSignal
+        from vflan_jax.train.stopping import StopSignal
         stop = StopSignal()
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.5)
@@ -73,10 +75,11 @@ def test_a_second_signal_exits_at_once_even_while_stuck(tmp_path):
     assert "second signal (SIGTERM)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_after_a_signal_a_stuck_run_exits_within_stop_timeout(tmp_path):
     proc = run_python("""
         import os, signal, time
-        from vflan_jax.train.__main__ import StopSignal
+        from vflan_jax.train.stopping import StopSignal
         stop = StopSignal(timeout_s=2)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(120)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from vflan_jax.train import config as train_config
 from vflan_jax.data.pipeline import source_config
+from vflan_jax.train import config as train_config
 
 
 def _valid(tmp_path):

@@ -15,6 +15,8 @@ from tests.train.cli import REPO, env, losses, run, train_args
 from vflan_jax.data import skips
 from vflan_jax.data.synthetic import write_task_suite
 
+pytestmark = pytest.mark.slow   # every test runs the trainer in a subprocess
+
 INSTANCES = 6   # as tests/train/cli.py's train_args
 
 

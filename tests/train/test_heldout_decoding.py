@@ -8,11 +8,12 @@ import pytest
 from PIL import Image
 
 from vflan_jax.data import image, pipeline, synthetic
-from vflan_jax.train.evaluate import build_evaluators
 from vflan_jax.train.config import base_config
+from vflan_jax.train.evaluate import build_evaluators
 
 TPI, IMG_ID, SIZE = 4, 7, 16
-MODEL = types.SimpleNamespace(tokens_per_image=TPI, image_token_id=IMG_ID, vision=types.SimpleNamespace(image_size=SIZE))
+MODEL = types.SimpleNamespace(tokens_per_image=TPI, image_token_id=IMG_ID,
+                              vision=types.SimpleNamespace(image_size=SIZE))
 
 
 def record(rid, task, img):

@@ -5,9 +5,10 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from tests.train.cli import REPO, run, train_args
-from vflan_jax.model_checkpoint import load_model
+from vflan_jax.checkpoint import load_model
 from vflan_jax.parallel import init_params, make_mesh
 
 
@@ -22,6 +23,7 @@ def step_losses(workdir) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow   # runs the trainer in subprocesses
 def test_lora_demo_learns_and_resumes_bit_exact(tmp_path):
     workdir, suite = tmp_path / "run", tmp_path / "synthetic"
     run(lora_args(workdir, suite))
@@ -31,12 +33,14 @@ def test_lora_demo_learns_and_resumes_bit_exact(tmp_path):
 
     params, cfg = load_model(workdir / "model")
     assert cfg.text.lora.quantize == "int8" and cfg.text.lora.rank == 64
+    assert cfg.text.lora.dropout == 0.05   # LLaVA's, drawn in training: the resume below is bit-exact with it
     q_proj = params["language_model"]["layers"]["self_attn"]["q_proj"]
     assert q_proj["kernel"].dtype == np.int8 and np.abs(np.asarray(q_proj["lora_b"])).max() > 0   # B left zero
     # The frozen base is bit-identical to the initial one (seed 0); the projector moved.
     initial, _ = init_params(cfg, make_mesh((1, 1, 1), jax.devices()[:1]), seed=0)
     for name, now, then in (("q_proj", q_proj, initial["language_model"]["layers"]["self_attn"]["q_proj"]),
-                            ("embed", params["language_model"]["embed_tokens"], initial["language_model"]["embed_tokens"])):
+                            ("embed", params["language_model"]["embed_tokens"],
+                             initial["language_model"]["embed_tokens"])):
         for leaf in set(now) - {"lora_a", "lora_b"}:
             np.testing.assert_array_equal(np.asarray(now[leaf]), np.asarray(then[leaf]), err_msg=f"{name}/{leaf}")
     assert not np.array_equal(np.asarray(params["multi_modal_projector"]["linear_1"]["kernel"]),
@@ -71,9 +75,55 @@ def test_stage_configs_take_llavas_lora_recipe():
 
     for name in ("vflan_stage1", "vflan_stage2"):
         c = load(name, "size=13b,lora=1,quantize=nf4")
-        assert (c.lora.rank, c.lora.alpha, c.optim.learning_rate, c.optim.projector_learning_rate) == (128, 256.0, 2e-4, 2e-5)
+        assert (c.lora.rank, c.lora.alpha, c.lora.dropout, c.optim.learning_rate, c.optim.projector_learning_rate) == (
+            128, 256.0, 0.05, 2e-4, 2e-5)
         lora = model_config(c).text.lora
         assert lora.quantize == "nf4" and len(lora.targets) == 7 and lora.scale == 2.0
         assert model_config(load(name, "size=13b")).text.lora is None   # full fine-tuning stays the default
         with pytest.raises(ValueError, match="quantize"):
             load(name, "size=13b,quantize=nf4")   # quantizing without adapters would freeze nothing useful
+
+
+def test_dropout_changes_the_training_loss_with_one_key_per_step_and_micro_batch():
+    """The train step draws LoRA dropout from (state.rng, state.step, micro-batch): the loss differs from
+    the dropout-free model's, is reproducible from the state, and accumulated micro-batches get distinct masks."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from tests.models.hf_oracle import nano_config
+    from tests.train.batches import random_train_batch
+    from vflan_jax.models.llava import LlavaForConditionalGeneration
+    from vflan_jax.models.lora import LoraConfig
+    from vflan_jax.train import optim
+    from vflan_jax.train.step import TrainState, make_train_step
+
+    def config(dropout):
+        return nano_config(**{"text.lora": LoraConfig(4, 8.0, dropout=dropout)})
+
+    cfg = config(0.3)
+    b, t = 2, 12
+    batch = random_train_batch(cfg, b, t)
+    twice = {k: np.repeat(v, 2, axis=0) for k, v in batch.items()}   # both micro-batches of 2 are `batch`
+    twice["task_ids"] = np.tile([[0], [1]], (b, t)).astype(np.int32)  # micro-batch j is task j (row i*2+j)
+
+    model = LlavaForConditionalGeneration(cfg)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["input_ids"], batch["pixel_values"])["params"])
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map_with_path(   # nonzero B: with B = 0 dropout could not show in the loss
+        lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32) if p[-1].key == "lora_b" else x, params)
+    mask = optim.trainable_mask(params, ("projector", "llm"))
+    tx, _ = optim.make_optimizer(optim.default_optim_config(), optim.split(params, mask)[0], total_steps=10)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(optim.split(params, mask)[0]),
+                       jax.random.key_data(jax.random.key(0)))
+
+    def per_micro_batch(c):   # the step's loss sums of micro-batch 0 and 1
+        step = jax.jit(make_train_step(LlavaForConditionalGeneration(c), tx, lambda p: optim.split(p, mask),
+                                       num_tasks=2, grad_accum_steps=2))
+        return lambda s: np.asarray(step(s, twice)[1]["task_loss_sum"])
+    dropped, plain = per_micro_batch(cfg), per_micro_batch(config(0.0))
+    first, second = dropped(state)
+    np.testing.assert_array_equal(dropped(state), [first, second])   # a function of the state: resumes exactly
+    assert abs(first - plain(state)[0]) > 1e-4      # dropout acts in training
+    assert abs(second - first) > 1e-4               # each micro-batch draws its own masks
+    assert abs(first - dropped(state._replace(step=state.step + 1))[0]) > 1e-4               # each step ...
+    assert abs(first - dropped(state._replace(rng=jax.random.key_data(jax.random.key(1))))[0]) > 1e-4  # ... and seed

@@ -10,9 +10,9 @@ import pytest
 from flax import traverse_util
 
 from tests.models.hf_oracle import nano_config
-from vflan_jax.train import optim
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 from vflan_jax.parallel import init_inputs
+from vflan_jax.train import optim
 from vflan_jax.train.step import TrainState, make_train_step
 
 
@@ -29,7 +29,8 @@ def hf_cosine_with_warmup(step, total, warmup_ratio, peak):
 def test_schedule_matches_hf_trainer(total, ratio):
     schedule = optim.learning_rate_schedule(2e-5, total, ratio)
     for step in sorted({0, 1, 2, math.ceil(ratio * total), total // 2, total - 1, total}):
-        assert float(schedule(step)) == pytest.approx(hf_cosine_with_warmup(step, total, ratio, 2e-5), rel=1e-5, abs=1e-12)
+        expected = hf_cosine_with_warmup(step, total, ratio, 2e-5)
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
 def _setup(trainable=("projector", "llm"), accum=1, lr=1e-2, projector_lr=None):
@@ -78,6 +79,7 @@ def test_frozen_parameters_do_not_change_and_have_no_optimizer_state():
     assert n_state == 2 * n_projector  # Adam's mu and nu, nothing for the tower and the LLM
 
 
+@pytest.mark.slow   # in-process, but a minute or more of compiling on 2 cores
 def test_gradient_accumulation_equals_the_full_batch():
     cfg, state_a, step_a, _ = _setup(accum=1)
     _, state_b, step_b, _ = _setup(accum=2)
@@ -108,19 +110,27 @@ def test_loss_is_the_global_token_mean():
 def test_nonfinite_step_is_not_applied():
     cfg, state, step, _ = _setup()
     poisoned = jax.tree.map(lambda x: x, state.params)
-    poisoned["multi_modal_projector"]["linear_1"]["bias"] = poisoned["multi_modal_projector"]["linear_1"]["bias"].at[0].set(jnp.nan)
+    bias = poisoned["multi_modal_projector"]["linear_1"]["bias"]
+    poisoned["multi_modal_projector"]["linear_1"]["bias"] = bias.at[0].set(jnp.nan)
     state = state._replace(params=poisoned)
     new, metrics = step(state, _batch(cfg))
     assert not bool(metrics["finite"])
-    np.testing.assert_array_equal(new.params["language_model"]["norm"]["scale"], state.params["language_model"]["norm"]["scale"])
+    np.testing.assert_array_equal(new.params["language_model"]["norm"]["scale"],
+                                  state.params["language_model"]["norm"]["scale"])
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(new.opt_state) if hasattr(x, "dtype") and x.ndim)
 
 
 def test_separate_projector_learning_rate():
     cfg, state, step, _ = _setup(lr=1e-9, projector_lr=1e-2)
     new, _ = step(state, _batch(cfg))
-    d_proj = np.abs(new.params["multi_modal_projector"]["linear_2"]["kernel"] - state.params["multi_modal_projector"]["linear_2"]["kernel"]).max()
-    d_llm = np.abs(new.params["language_model"]["lm_head"]["kernel"] - state.params["language_model"]["lm_head"]["kernel"]).max()
+    def change(*path):
+        old, updated = state.params, new.params
+        for key in path:
+            old, updated = old[key], updated[key]
+        return np.abs(updated - old).max()
+
+    d_proj = change("multi_modal_projector", "linear_2", "kernel")
+    d_llm = change("language_model", "lm_head", "kernel")
     assert d_proj > 1e-3 and d_llm < 1e-7
 
 
@@ -134,6 +144,8 @@ def test_trainable_typo_is_an_error():
 def test_chance_level_is_uniform_over_a_tasks_answers():
     from vflan_jax.data.sources import Example
     from vflan_jax.train.evaluate import chance_levels
-    ex = lambda task, answer: Example("i", task, None, (("human", "q"), ("gpt", answer)), "f", 0)  # noqa: E731
+    def ex(task, answer):
+        return Example("i", task, None, (("human", "q"), ("gpt", answer)), "f", 0)
+
     pool = [ex("a", "red"), ex("a", "blue"), ex("a", "red "), ex("a", "green"), ex("b", "yes"), ex("b", "no")]
     assert chance_levels(pool) == {"a": 1 / 3, "b": 1 / 2}

@@ -114,6 +114,7 @@ def _resume(saved, dest, devices, mesh):
     return losses(dest)
 
 
+@pytest.mark.slow
 def test_checkpoint_from_fsdp8_resumes_on_other_meshes(saved_on_fsdp8, tmp_path):
     same = _resume(saved_on_fsdp8, tmp_path / "same", 8, (1, 8, 1))
     assert sorted(same) == [1, 2, 3, 4]

@@ -9,6 +9,8 @@ import pytest
 
 from tests.train.cli import REPO, env, losses, run, train_args
 
+pytestmark = pytest.mark.slow   # every test runs the trainer in a subprocess
+
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
@@ -92,13 +94,13 @@ def test_eight_devices_give_the_losses_of_one(tmp_path, suite, reference):
 
 def test_init_from_chains_two_stages(tmp_path, suite, reference):
     stage1, ref = reference[0], reference[1]
-    run(train_args(tmp_path, suite, steps=2, init_from=str(stage1), eval_max_examples=0, **{"model.preset": "checkpoint",
-                                                                       "optim.learning_rate": 1e-12}))
+    run(train_args(tmp_path, suite, steps=2, init_from=str(stage1), eval_max_examples=0,
+                   **{"model.preset": "checkpoint", "optim.learning_rate": 1e-12}))
     stage2 = losses(tmp_path)
     # Stage 2 starts where stage 1 ended: its first loss (on stage 1's first batch) is far below
     # what stage 1 started from, and a vanishing learning rate leaves the parameters as they were.
     assert stage2[1] < ref[1] - 0.5
-    from vflan_jax.model_checkpoint import load_any
+    from vflan_jax.checkpoint import load_any
     p1, _, _ = load_any(str(stage1 / "model"))
     p2, _, _ = load_any(str(tmp_path / "model"))
     import jax
@@ -121,7 +123,7 @@ def test_two_jax_distributed_processes_give_the_losses_of_one(tmp_path, suite, r
                                       JAX_PROCESS_ID=str(i)))
              for i in range(2)]
     outputs = [p.communicate(timeout=500) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     got, ref = losses(tmp_path / "two_hosts"), losses(one_host)
     assert sorted(got) == sorted(ref) == list(range(1, 7))

@@ -2,10 +2,13 @@
 where the command runs, and bad input reported in one line with exit status 2."""
 import subprocess
 
+import pytest
+
 from tests.train.cli import env, train_args
 from vflan_jax.cli import EXIT_BAD_INPUT
 
 
+@pytest.mark.slow
 def test_own_annotation_files_from_the_command_line(tmp_path):
     """--config.data.sources.train.paths takes a tuple; a missing file is named by its absolute path."""
     args = train_args("runs/mine", tmp_path / "suite", steps=1)
@@ -22,8 +25,8 @@ def test_own_annotation_files_from_the_command_line(tmp_path):
 
 def test_every_config_path_is_made_absolute_once(tmp_path, monkeypatch):
     from vflan_jax.data.pipeline import source_config
-    from vflan_jax.train.__main__ import resolve_config_paths
     from vflan_jax.train.config import base_config
+    from vflan_jax.train.inputs import resolve_config_paths
     cfg = base_config()
     with cfg.unlocked():
         cfg.data.sources.mine = source_config(("a.json", "gs://bucket/b.json"), "images")

@@ -15,6 +15,7 @@ import sys
 
 from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_MISMATCH, resolve_path, route_logging
 from vflan_jax.convert.errors import ConversionError
+from vflan_jax.parallel import OVERRIDES_HELP, ShardingRuleError, parse_overrides, rules_with
 
 
 def _mesh(text: str):
@@ -22,15 +23,23 @@ def _mesh(text: str):
     return make_mesh(tuple(int(x) for x in text.split(",")))
 
 
+def _rules(args):
+    try:
+        return rules_with(parse_overrides(args.sharding_overrides))
+    except ShardingRuleError as e:
+        raise ConversionError(f"--sharding_overrides {e}") from None
+
+
 def cmd_import(args) -> int:
+    from vflan_jax.checkpoint import save_model_atomically
     from vflan_jax.convert.hf_import import import_params
     from vflan_jax.convert.import_plan import plan_composed, plan_llava_hf
-    from vflan_jax.model_checkpoint import save_model_atomically
     if args.hf_dir and (args.vision_tower or args.llm or args.projector):
         raise SystemExit("import-hf: give either --hf_dir, or --vision_tower and --llm (and optionally --projector)")
     from etils import epath
     if epath.Path(args.out).exists() and not args.overwrite:   # said before any weight is read
         raise ConversionError(f"--out {args.out} exists, use --overwrite to replace it")
+    rules = _rules(args)
     if args.hf_dir:
         plan = plan_llava_hf(args.hf_dir, args.param_dtype)
     elif args.vision_tower and args.llm:
@@ -38,7 +47,7 @@ def cmd_import(args) -> int:
                              projector_type=args.projector_type, vision_feature_layer=args.vision_feature_layer)
     else:
         raise SystemExit("import-hf: --hf_dir, or both --vision_tower and --llm, are required")
-    params = import_params(plan, _mesh(args.mesh), seed=args.seed)
+    params = import_params(plan, _mesh(args.mesh), rules, seed=args.seed)
     config = plan.config
     if args.adapter:   # a PEFT LoRA adapter onto the imported base (convert/lora_peft.py)
         from vflan_jax.convert.lora_peft import import_adapter
@@ -51,22 +60,23 @@ def cmd_import(args) -> int:
 
 
 def _require_checkpoint(path: str) -> None:
-    from vflan_jax.model_checkpoint import CONFIG, PARAMS, is_model_checkpoint
+    from vflan_jax.checkpoint import CONFIG, PARAMS, is_model_checkpoint
     if not is_model_checkpoint(path):
         raise ConversionError(f"--checkpoint {path}: not a vflan_jax model checkpoint ({CONFIG} + {PARAMS}/ missing)")
 
 
 def cmd_export(args) -> int:
     _require_checkpoint(args.checkpoint)
+    rules = _rules(args)
     if args.adapter_only:   # a PEFT adapter directory instead of merged weights (convert/lora_peft.py)
+        from vflan_jax.checkpoint import load_model
         from vflan_jax.convert.lora_peft import export_adapter
-        from vflan_jax.model_checkpoint import load_model
-        config = export_adapter(*load_model(args.checkpoint, _mesh(args.mesh)), args.out)
+        config = export_adapter(*load_model(args.checkpoint, _mesh(args.mesh), rules), args.out)
         print(json.dumps({"out": args.out, "adapter_only": True, "r": config["r"], "lora_alpha": config["lora_alpha"]}))
         return 0
     from vflan_jax.convert.hf_export import export_hf
     cfg = export_hf(args.checkpoint, args.out, args.dtype, args.max_shard_size, args.seed, _mesh(args.mesh),
-                    image_aspect=args.image_aspect)
+                    image_aspect=args.image_aspect, rules=rules)
     print(json.dumps({"out": args.out, "image_token_id": cfg["image_token_id"],
                       "vocab_size": cfg["text_config"]["vocab_size"], "dtype": cfg["dtype"]}))
     return 0
@@ -87,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     mesh_help = "data,fsdp,tensor mesh the parameters are placed on (-1: the remaining devices)"
+    sharding = dict(nargs="+", action="extend", default=[], metavar="NAME=AXES", help=OVERRIDES_HELP)
 
     imp = sub.add_parser("import-hf", help="HF/LLaVA checkpoint(s) -> vflan_jax model checkpoint")
     imp.add_argument("--hf_dir", help="transformers LlavaForConditionalGeneration directory (any key layout)")
@@ -95,12 +106,15 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--projector", help="LLaVA projector file (mm_projector.bin or .safetensors)")
     imp.add_argument("--out", required=True, help="model checkpoint directory to write")
     imp.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    imp.add_argument("--projector_type", default="mlp2x_gelu", help="for a plain LLaMA --llm (LLaVA configs carry theirs)")
+    imp.add_argument("--projector_type", default="mlp2x_gelu",
+                     help="for a plain LLaMA --llm (LLaVA configs carry theirs)")
     imp.add_argument("--vision_feature_layer", type=int, default=-2, help="for a plain LLaMA --llm")
     imp.add_argument("--seed", type=int, default=0, help="initialisation of a projector no file provides")
     imp.add_argument("--mesh", default="1,-1,1", help=mesh_help)
+    imp.add_argument("--sharding_overrides", **sharding)
     imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    imp.add_argument("--adapter", help="PEFT LoRA adapter directory to apply onto the imported model (kept as adapters)")
+    imp.add_argument("--adapter",
+                     help="PEFT LoRA adapter directory to apply onto the imported model (kept as adapters)")
     imp.set_defaults(run=cmd_import)
 
     exp = sub.add_parser("export-hf", help="vflan_jax model checkpoint -> transformers LLaVA directory")
@@ -114,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--image_aspect", default="pad", choices=ASPECTS,
                      help="how the exported processor fits images: pad (LLaVA-1.5 finetune/eval) or square")
     exp.add_argument("--mesh", default="1,-1,1", help=mesh_help)
+    exp.add_argument("--sharding_overrides", **sharding)
     exp.add_argument("--adapter_only", action="store_true",
                      help="LoRA checkpoint: write a PEFT adapter directory, not merged full weights")
     exp.set_defaults(run=cmd_export)
@@ -143,6 +158,9 @@ def main(argv=None) -> int:
         return args.run(args)
     except (ConversionError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ShardingRuleError as e:   # --sharding_overrides that clash on one of the model's parameters
+        print(f"error: --sharding_overrides: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -101,10 +101,11 @@ def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
 def model_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A LlavaConfig dict. The image token must be a vocabulary entry (export adds it)."""
     if cfg.projector_type != "mlp2x_gelu":
-        raise UnsupportedCheckpoint(f"transformers' LLaVA only has the mlp2x_gelu projector, not {cfg.projector_type!r}")
+        raise UnsupportedCheckpoint(f"transformers' LLaVA only has the mlp2x_gelu projector, "
+                                    f"not {cfg.projector_type!r}")
     if not 0 <= cfg.image_token_id < cfg.text.vocab_size:
-        raise ValueError(f"image_token_id {cfg.image_token_id} is not a vocabulary entry (vocab {cfg.text.vocab_size}); "
-                         "add the <image> token first (export-hf does)")
+        raise ValueError(f"image_token_id {cfg.image_token_id} is not a vocabulary entry "
+                         f"(vocab {cfg.text.vocab_size}); add the <image> token first (export-hf does)")
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "image_token_index": cfg.image_token_id, "image_token_id": cfg.image_token_id,
             "projector_hidden_act": "gelu", "multimodal_projector_bias": True,

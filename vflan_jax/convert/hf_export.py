@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vflan_jax.checkpoint import load_model, load_tokenizer, tokenizer_dir
 from vflan_jax.convert import layout as L
 from vflan_jax.convert.hf_config import model_config_to_hf
 from vflan_jax.convert.hf_processor import build_processor
@@ -31,9 +32,9 @@ from vflan_jax.convert.image_token import VocabExtension, add_image_tokens, samp
 from vflan_jax.convert.import_plan import expected_shapes, torch_shape
 from vflan_jax.convert.safetensors_writer import write_safetensors
 from vflan_jax.convert.tensors import flatten
-from vflan_jax.model_checkpoint import load_model, load_tokenizer
 from vflan_jax.models.config import ModelConfig
 from vflan_jax.models.lora_params import merged
+from vflan_jax.parallel import DEFAULT_RULES
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 _HUB_NAMES = (  # canonical (>= 4.52 in-memory) -> llava-hf hub names
@@ -77,16 +78,17 @@ def _torch_layout_param(params_flat, path, layer: int | None, kind: str) -> np.n
 
 
 def export_hf(checkpoint, out_dir, dtype: str | None = None, max_shard_size: str | int = "5GB", seed: int = 0,
-              mesh=None, progress: bool = True, image_aspect: str = "pad") -> dict:
+              mesh=None, progress: bool = True, image_aspect: str = "pad", rules=DEFAULT_RULES) -> dict:
     """Returns the written config.json dict. image_aspect: how the exported processor fits an
-    image into the tower's square ("pad", LLaVA-1.5's finetuning/eval; "square", pretraining)."""
+    image into the tower's square ("pad", LLaVA-1.5's finetuning/eval; "square", pretraining).
+    mesh and rules: where the checkpoint's parameters are placed while they are read."""
     out_dir = pathlib.Path(out_dir)
-    params, cfg = merged(*load_model(checkpoint, mesh))   # LoRA adapters folded into their kernels
+    params, cfg = merged(*load_model(checkpoint, mesh, rules))   # LoRA adapters folded into their kernels
     dtype = dtype or cfg.param_dtype
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {EXPORT_DTYPES}")
     np_dtype = np.dtype(jnp.dtype(dtype))
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(tokenizer_dir(checkpoint))
     in_vocab = 0 <= cfg.image_token_id < cfg.text.vocab_size
     ext = None if in_vocab else add_image_tokens(tokenizer, cfg.text.vocab_size)
     out_cfg = exported_config(cfg, ext)

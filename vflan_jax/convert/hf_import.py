@@ -31,7 +31,7 @@ _TORCH_AXIS = {"copy": None, "linear": (1, 0), "conv": (2, 3, 1, 0)}
 
 def _full_index(index, shape) -> tuple[slice, ...]:
     index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
-    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
 
 
 def _read_part(entry: Entry, key: str, flax_index: tuple[slice, ...], dtype) -> np.ndarray:

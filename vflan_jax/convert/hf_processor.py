@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import logging
 
+from vflan_jax.constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN
 from vflan_jax.convert.errors import ConversionError
-from vflan_jax.convert.image_token import IMAGE_TOKEN
 from vflan_jax.data.conversation import VICUNA_V1, Template, render_prompt
 from vflan_jax.data.image import ASPECTS, CLIP_MEAN, CLIP_STD
-from vflan_jax.data.tokenize import IMAGE_PLACEHOLDER, tokenizer_image_token
+from vflan_jax.data.tokenize import tokenizer_image_token
 from vflan_jax.models.config import ModelConfig
 
 IMAGE_SEPARATORS = ("", " ")   # what may follow "<image>" in the template's text
@@ -66,18 +66,21 @@ def chat_template(template: Template = VICUNA_V1, image_sep: str = "") -> str:
         "    {%- set text = message['content'] -%}\n"
         "    {%- set images = text.count('<image>') -%}\n"
         "  {%- else -%}\n"
-        "    {%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') -%}\n"
+        "    {%- set text = message['content'] | selectattr('type', 'equalto', 'text')"
+        " | map(attribute='text') | join('') -%}\n"
         "    {%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}\n"
         "  {%- endif -%}\n"
         "  {%- if message['role'] == 'user' -%}\n"
         "    {%- if images -%}\n"
-        "      {%- set text = ('<image>" + image_sep + "\\n' * images + text.replace('<image>', '') | trim) | trim -%}\n"
+        "      {%- set text = ('<image>" + image_sep + "\\n' * images"
+        " + text.replace('<image>', '') | trim) | trim -%}\n"
         "    {%- endif -%}\n"
         "    {{- " + literal(user + ": ") + " + text + " + literal(template.sep) + " -}}\n"
         "  {%- elif message['role'] == 'assistant' -%}\n"
         "    {{- " + literal(assistant + ": ") + " + text + " + literal(template.sep2) + " -}}\n"
         "  {%- else -%}\n"
-        "    {{- raise_exception('roles after the first message must be user or assistant, got ' + message['role']) -}}\n"
+        "    {{- raise_exception('roles after the first message must be user or assistant, got '"
+        " + message['role']) -}}\n"
         "  {%- endif -%}\n"
         "{%- endfor -%}\n"
         "{%- if add_generation_prompt -%}{{- " + literal(assistant + ":") + " -}}{%- endif -%}\n")

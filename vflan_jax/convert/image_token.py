@@ -17,7 +17,8 @@ import dataclasses
 
 import numpy as np
 
-IMAGE_TOKEN = "<image>"
+from vflan_jax.constants import IMAGE_TOKEN
+
 PAD_TOKEN = "<pad>"
 PAD_TO_MULTIPLE = 64
 NOISE_SCALE = 1e-5

@@ -20,19 +20,21 @@ from typing import Mapping, Protocol
 import flax.linen as nn
 import numpy as np
 
+from vflan_jax.constants import IMAGE_PLACEHOLDER
 from vflan_jax.convert import layout as L
 from vflan_jax.convert.errors import ConversionError
 from vflan_jax.convert.hf_config import model_config_from_hf, text_config_from_hf, vision_config_from_hf
 from vflan_jax.convert.projector_file import open_projector_file
 from vflan_jax.convert.safetensors_reader import CheckpointFiles
 from vflan_jax.convert.tensors import flatten
-from vflan_jax.models.config import LLAVA_IMAGE_TOKEN_ID, ModelConfig
+from vflan_jax.models.config import ModelConfig
 from vflan_jax.models.projector import parse_projector_type
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 _INV_FREQ = r"\.inv_freq$"  # RoPE buffers some old checkpoints saved; recomputed, never read
-_CLIP_NOT_VISION = r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$|vision_model\.embeddings\.position_ids$)"
+_CLIP_NOT_VISION = (r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$"
+                    r"|vision_model\.embeddings\.position_ids$)")
 # transformers 5.x saves CLIPVisionModel without the `vision_model.` prefix that CLIPModel and 4.x use
 _BARE_CLIP = re.compile(r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.")
 # LLaVA's mm_vision_select_feature -> HF vision_feature_select_strategy
@@ -105,8 +107,9 @@ def _llava_projector_layout(cfg: ModelConfig, prefix: str = "model.mm_projector"
     return L.projector_layout(cfg, prefix + ".", tuple(str(2 * i) for i in range(depth)))
 
 
-def plan_composed(vision_tower: str | pathlib.Path, llm: str | pathlib.Path, projector: str | pathlib.Path | None = None,
-                  param_dtype: str = "float32", projector_type: str = "mlp2x_gelu",
+def plan_composed(vision_tower: str | pathlib.Path, llm: str | pathlib.Path,
+                  projector: str | pathlib.Path | None = None, param_dtype: str = "float32",
+                  projector_type: str = "mlp2x_gelu",
                   vision_feature_layer: int = -2, vision_feature_select_strategy: str = "default") -> ImportPlan:
     """The projector/feature options apply only when the LLM is a plain LLaMA; an original LLaVA
     config.json (model_type llava_llama) carries its own mm_* fields, which win."""
@@ -119,7 +122,8 @@ def plan_composed(vision_tower: str | pathlib.Path, llm: str | pathlib.Path, pro
     llm_type = llm_raw.get("model_type")
     if llm_type not in ("llama", "llava_llama", "llava"):
         raise ConversionError(f"{llm_dir / 'config.json'}: model_type {llm_type!r} (architectures "
-                              f"{llm_raw.get('architectures')}) is neither LLaMA ('llama') nor original LLaVA ('llava_llama')")
+                              f"{llm_raw.get('architectures')}) is neither LLaMA ('llama') nor original LLaVA "
+                              "('llava_llama')")
     if llm_type == "llava":
         raise ConversionError(f"{llm_dir / 'config.json'}: a transformers LLaVA checkpoint is a whole model; "
                               "import it with --hf_dir instead of --llm")
@@ -144,7 +148,7 @@ def plan_composed(vision_tower: str | pathlib.Path, llm: str | pathlib.Path, pro
         cfg = ModelConfig(vision=vision, text=text, projector_type=projector_type,
                           vision_feature_layer=vision_feature_layer,
                           vision_feature_select_strategy=vision_feature_select_strategy,
-                          image_token_id=LLAVA_IMAGE_TOKEN_ID, param_dtype=param_dtype).validate()
+                          image_token_id=IMAGE_PLACEHOLDER, param_dtype=param_dtype).validate()
     except ValueError as e:
         raise ConversionError(f"{clip_dir / 'config.json'} + {llm_dir / 'config.json'}: {e}") from None
 
@@ -190,12 +194,15 @@ def check_plan(plan: ImportPlan, shapes: Mapping[tuple[str, ...], tuple[int, ...
         for key in src.keys:
             if key not in tensors:
                 origin = getattr(tensors, "path", "?")
-                raise ConversionError(f"tensor {key!r} (for parameter {L.flax_path_name(path)}) is missing from {origin}")
+                raise ConversionError(f"tensor {key!r} (for parameter {L.flax_path_name(path)}) "
+                                      f"is missing from {origin}")
             got = tuple(tensors.shape(key))
             if got != want:
-                raise ConversionError(f"{tensors.describe(key)} has shape {list(got)}, but {where} implies {list(want)}")
+                raise ConversionError(f"{tensors.describe(key)} has shape {list(got)}, "
+                                      f"but {where} implies {list(want)}")
             if not np.issubdtype(tensors.dtype(key), np.floating) and tensors.dtype(key).kind != "V":
-                raise ConversionError(f"{tensors.describe(key)} has dtype {tensors.dtype(key)}, expected floating point")
+                raise ConversionError(f"{tensors.describe(key)} has dtype {tensors.dtype(key)}, "
+                                      "expected floating point")
             used.setdefault(id(tensors), set()).add(key)
     sources = {id(e.tensors): e.tensors for e in plan.entries.values()}
     for sid, tensors in sources.items():

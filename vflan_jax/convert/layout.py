@@ -63,11 +63,13 @@ def to_torch(array: np.ndarray, kind: str) -> np.ndarray:
 def _module_params(prefix: str, module: str, kind: str) -> dict[tuple[str, ...], tuple[str, str]]:
     """Flax leaf path -> (torch suffix, kind) for one Dense/LayerNorm/RMSNorm module."""
     if kind == "linear":
-        return {(module, "kernel"): (f"{prefix}{module}.weight", "linear"), (module, "bias"): (f"{prefix}{module}.bias", "copy")}
+        return {(module, "kernel"): (f"{prefix}{module}.weight", "linear"),
+                (module, "bias"): (f"{prefix}{module}.bias", "copy")}
     if kind == "linear_nobias":
         return {(module, "kernel"): (f"{prefix}{module}.weight", "linear")}
     if kind == "layernorm":
-        return {(module, "scale"): (f"{prefix}{module}.weight", "copy"), (module, "bias"): (f"{prefix}{module}.bias", "copy")}
+        return {(module, "scale"): (f"{prefix}{module}.weight", "copy"),
+                (module, "bias"): (f"{prefix}{module}.bias", "copy")}
     if kind == "rmsnorm":
         return {(module, "scale"): (f"{prefix}{module}.weight", "copy")}
     raise ValueError(kind)
@@ -100,17 +102,20 @@ def _stacked(flax_prefix: tuple[str, ...], torch_prefix: str, layer: dict, layer
             for path, (suffix, kind) in layer.items()}
 
 
-def vision_tower_layout(cfg: ModelConfig, torch_prefix: str = "model.vision_tower.") -> dict[tuple[str, ...], ParamSource]:
+def vision_tower_layout(cfg: ModelConfig,
+                        torch_prefix: str = "model.vision_tower.") -> dict[tuple[str, ...], ParamSource]:
     """Flax paths under params['vision_tower'] -> sources, with `torch_prefix` before CLIP's own names."""
     v, used = cfg.vision, cfg.vision_layers_used
     p = torch_prefix
     out = {
         ("embeddings", "class_embedding"): ParamSource((f"{p}embeddings.class_embedding",), "copy", False),
-        ("embeddings", "patch_embedding", "kernel"): ParamSource((f"{p}embeddings.patch_embedding.weight",), "conv", False),
+        ("embeddings", "patch_embedding", "kernel"):
+            ParamSource((f"{p}embeddings.patch_embedding.weight",), "conv", False),
         ("embeddings", "position_embedding"): ParamSource((f"{p}embeddings.position_embedding.weight",), "copy", False),
     }
     for name in ("pre_layrnorm", "post_layernorm"):
-        out.update({path: ParamSource((key,), kind, False) for path, (key, kind) in _module_params(p, name, "layernorm").items()})
+        norm = _module_params(p, name, "layernorm")
+        out.update({path: ParamSource((key,), kind, False) for path, (key, kind) in norm.items()})
     if used:
         out.update(_stacked(("layers",), f"{p}encoder.layers.", _clip_layer(), range(used)))
     if v.num_layers > used:

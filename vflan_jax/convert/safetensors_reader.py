@@ -148,7 +148,8 @@ class CheckpointFiles:
             return files
         files = sorted(p.glob("*.safetensors"))
         if not files:
-            others = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5"))
+            pickles = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+            others = sorted(f.name for f in p.iterdir() if f.suffix in pickles)
             hint = (f"; found {others[:3]}: PyTorch pickles are not read (convert them to safetensors first, e.g. "
                     "save_pretrained(..., safe_serialization=True))") if others else ""
             raise ConversionError(f"{p}: no weights (no *.safetensors files and no {INDEX_NAME}){hint}")

@@ -55,13 +55,13 @@ def write_safetensors(out_dir: str | pathlib.Path, specs: Sequence[tuple[str, tu
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress or None)
     weight_map, total = {}, 0
-    for name, members in zip(names, shards):
+    for name, members in zip(names, shards, strict=True):
         shard_specs = [specs[i] for i in members]
         header = _header(shard_specs, metadata)
         with open(out_dir / name, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
-            for i, (key, shape, dtype) in zip(members, shard_specs):
+            for i, (key, shape, dtype) in zip(members, shard_specs, strict=True):
                 array = np.ascontiguousarray(np.asarray(fetch(i)).astype(dtype, copy=False))
                 if array.shape != tuple(shape):
                     raise ValueError(f"tensor {key!r}: fetched shape {array.shape}, planned {tuple(shape)}")

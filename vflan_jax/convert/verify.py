@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vflan_jax.checkpoint import load_model
 from vflan_jax.convert.errors import ConversionError
 from vflan_jax.convert.hf_config import model_config_from_hf
-from vflan_jax.model_checkpoint import load_model
 from vflan_jax.models.llava import LlavaForConditionalGeneration
 
 

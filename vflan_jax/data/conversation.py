@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-IMAGE_TOKEN = "<image>"
+from vflan_jax.constants import IMAGE_TOKEN
+
 HUMAN, GPT = "human", "gpt"
 
 Span = tuple[int, int]

@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from vflan_jax.cli import EXIT_BAD_INPUT, is_url, resolve_path, route_logging
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vflan_jax.data import image, sources, tokenize
 from vflan_jax.data.skips import BadRecord, SkipCounter
 
@@ -49,13 +50,13 @@ def marked_text(ids, labels, tokenizer) -> str:
             text = tokenizer.decode(run, skip_special_tokens=False)
             out.append(f"[[{text}]]" if run_sup else text)
 
-    for t, l in zip(ids, labels):
-        if t == tokenize.IMAGE_PLACEHOLDER:
+    for t, label in zip(ids, labels, strict=True):
+        if t == IMAGE_PLACEHOLDER:
             flush()
             run, run_sup = [], None
             out.append("<image>")
             continue
-        sup = l != tokenize.IGNORE_INDEX
+        sup = label != IGNORE_INDEX
         if run and sup != run_sup:
             flush()
             run = []
@@ -104,7 +105,7 @@ def inspect_records(args, tokenizer, out_file, show: int) -> tuple[collections.C
             if shown < show:
                 shown += 1
                 print(f"--- line {n}: {ex.id} ({ex.task_name}), {len(ids)} ids, "
-                      f"{sum(l != tokenize.IGNORE_INDEX for l in labels)} supervised")
+                      f"{sum(label != IGNORE_INDEX for label in labels)} supervised")
                 print(marked_text(ids, labels, tokenizer))
     return per_task, counter
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     print(f"\n{'task':<{width}} " + " ".join(f"{s:>{max(len(s), 5)}}" for s in statuses))
     for t in tasks:
         row = [per_task.get((t, s), 0) if s == "ok" else counter.by_task.get((t, s), 0) for s in statuses]
-        print(f"{t:<{width}} " + " ".join(f"{n:>{max(len(s), 5)}}" for s, n in zip(statuses, row)))
+        print(f"{t:<{width}} " + " ".join(f"{n:>{max(len(s), 5)}}" for s, n in zip(statuses, row, strict=True)))
     ok = sum(n for (_, s), n in per_task.items() if s == "ok")
     print(f"\nok: {ok}")
     print(counter.report())

@@ -64,7 +64,7 @@ class Selected:
 class SourceSelection:
     spec: SourceSpec                  # for prepared data: paths/image_folder of the original files
     records: object                   # index -> Example (json_source.JsonRecords | prepared_source.PreparedRecords
-                                      #   | eval.tfds_source.TFDSInstructions)
+                                      #   | data.tfds_source.TFDSInstructions)
     train_indices: np.ndarray         # selected for training, in rank order (file order irrelevant)
     heldout_indices: np.ndarray       # records of held-out tasks (for evaluation)
     available: dict[str, int]         # task -> usable records (before any choice)
@@ -181,7 +181,7 @@ def select_source(spec: SourceSpec, index: RecordIndex, heldout_tasks: Sequence[
 def open_source(spec: SourceSpec, on_bad) -> tuple[SourceSpec, RecordIndex, object]:
     """(spec with the original files' paths and image folder, index, records) of one source."""
     if spec.tfds is not None:   # tensorflow-datasets is imported only here (an optional extra)
-        from vflan_jax.eval.tfds_source import TFDSInstructions
+        from vflan_jax.data.tfds_source import TFDSInstructions
         records = TFDSInstructions(spec.tfds, spec.tfds_split, spec.tfds_data_dir)
         return spec, records.index(), records
     if spec.prepared is None:

@@ -43,11 +43,9 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from vflan_jax.data import skips
 from vflan_jax.data.skips import SkipCounter
-
-IMAGE_PLACEHOLDER = -200
-IGNORE = -100
 
 
 def example_length(element: dict, tokens_per_image: int) -> int:
@@ -65,13 +63,13 @@ def expand_example(input_ids: np.ndarray, labels: np.ndarray, *, tokens_per_imag
     out_labels = np.repeat(np.asarray(labels, np.int32), counts)
     image_pos = np.repeat(is_image, counts)
     out_ids[image_pos] = image_token_id
-    out_labels[image_pos] = IGNORE
+    out_labels[image_pos] = IGNORE_INDEX
     return out_ids, out_labels
 
 
 def next_token_targets(labels: np.ndarray) -> np.ndarray:
     """targets[i] = labels[i+1]; the example's last position predicts nothing."""
-    targets = np.full_like(labels, IGNORE)
+    targets = np.full_like(labels, IGNORE_INDEX)
     targets[:-1] = labels[1:]
     return targets
 
@@ -112,7 +110,7 @@ class BatchLayout:
         E = self.max_examples_per_row
         batch = {
             "input_ids": np.full((B, L), self.pad_id, np.int32),
-            "targets": np.full((B, L), IGNORE, np.int32),
+            "targets": np.full((B, L), IGNORE_INDEX, np.int32),
             "segment_ids": np.zeros((B, L), np.int32),
             "positions": np.zeros((B, L), np.int32),
             "pixel_values": np.zeros((B, K) + self.image_shape, np.float32),

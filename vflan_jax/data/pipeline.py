@@ -2,7 +2,7 @@
 
   mixture (selected record indices of each source's index, mixture.py; a source is annotation
            files read by span, json_source.py, prepared ArrayRecord shards, prepared_source.py,
-           or a TFDS classification split, eval/tfds_source.py)
+           or a TFDS classification split, data/tfds_source.py)
   -> MapDataset.source per data source -> shuffle(seed) -> repeat(num_epochs)
      (several sources with weights: each shuffled + repeated forever, then MapDataset.mix)
   -> slice [process_index::process_count]          (each host reads its own share)
@@ -29,8 +29,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from vflan_jax.data import conversation, decoding, image, mixture, packing, prepared_source, tokenize
-from vflan_jax.data import skips
+from vflan_jax.constants import IMAGE_PLACEHOLDER
+from vflan_jax.data import conversation, decoding, image, mixture, packing, prepared_source, skips, tokenize
 from vflan_jax.data.skips import BadRecord, SkipCounter
 from vflan_jax.data.sources import FORMATS, Example, resolve_image_path
 
@@ -115,7 +115,7 @@ def tfds_source_config(name: str, split: str = "train", data_dir: str | None = N
                        **kw) -> ml_collections.ConfigDict:
     """A TFDS classification dataset (cifar10, cifar100, mnist) read by tfds.data_source without
     TensorFlow (pip install 'vflan_jax[tfds]'): each image + label is a one-turn instruction whose
-    answer is the class name, task f"tfds_{name}" (vflan_jax/eval/tfds_source.py)."""
+    answer is the class name, task f"tfds_{name}" (vflan_jax/data/tfds_source.py)."""
     return source_config((), "", tfds=name, tfds_split=split, tfds_data_dir=data_dir, **kw)
 
 
@@ -237,7 +237,7 @@ class DecodeExample:
         ids, labels = tokenize.tokenize_example(ex, self.tokenizer, self.template)
         full_length = len(ids)
         ids, labels = tokenize.truncate(ids, labels, self.max_length, self.tokens_per_image, ex)
-        n_images = sum(1 for t in ids if t == tokenize.IMAGE_PLACEHOLDER)
+        n_images = sum(1 for t in ids if t == IMAGE_PLACEHOLDER)
         if ex.image is not None and n_images:
             if ex.image_bytes is not None:   # embedded in prepared shards: the file's bytes as they were
                 path = io.BytesIO(ex.image_bytes)

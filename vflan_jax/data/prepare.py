@@ -68,7 +68,7 @@ def checked_image(ex, image_folder: str, embed: bool):
     try:
         with open(path, "rb") as f:
             data = f.read()
-        Image.open(io.BytesIO(data)).size   # parses the header only
+        Image.open(io.BytesIO(data))   # parses the header only (pixels are decoded lazily)
     except (FileNotFoundError, IsADirectoryError):
         raise BadRecord(skips.MISSING_IMAGE, f"image {ex.image}: file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

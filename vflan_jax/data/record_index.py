@@ -32,7 +32,9 @@ class RecordIndex:
         ids = {t: i for i, t in enumerate(names)}
         remapped = [np.asarray([ids[t] for t in p.task_names], np.int32)[p.task_ids] if len(p) else
                     np.zeros(0, np.int32) for p in parts]
-        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+        def cat(xs, dt):
+            return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
         return cls(names, cat(remapped, np.int32), cat([p.text_lengths for p in parts], np.int32),
                    cat([p.digests for p in parts], np.uint64))
 

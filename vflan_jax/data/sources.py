@@ -28,10 +28,10 @@ import re
 import sys
 from typing import Iterator, Literal
 
+from vflan_jax.constants import IMAGE_TOKEN
 from vflan_jax.data import skips
 from vflan_jax.data.skips import BadRecord, SkipCounter
 
-IMAGE_TOKEN = "<image>"
 HUMAN, GPT = "human", "gpt"
 FORMATS = ("auto", "llava", "vflan_raw")
 

@@ -201,7 +201,7 @@ def _color_naming(rng, c):        # held out: colour recognition, new wording
 def _color_of_shape(rng, c):      # held out: colour + shape recognition combined
     shapes = rng.sample(SHAPES, rng.randint(2, 3))
     colors = rng.sample(list(COLORS), len(shapes))
-    for shape, color in zip(shapes, colors):
+    for shape, color in zip(shapes, colors, strict=True):
         c.add(shape, color, scale=1.2)
     i = rng.randrange(len(shapes))
     return f"Look at the {shapes[i]} in the image. What color is it?", colors[i]
@@ -355,7 +355,7 @@ def build_tokenizer(out_dir: str | os.PathLike, corpus_texts: Iterable[str], voc
     stamp = os.path.join(out_dir, "corpus.sha256")
     if os.path.exists(stamp) and open(stamp).read() == fingerprint:
         return out_dir
-    import sentencepiece as spm                 # imported here: a cached call needs neither
+    import sentencepiece as spm  # imported here: a cached call needs neither
     from transformers import AutoTokenizer
 
     os.makedirs(out_dir, exist_ok=True)

@@ -17,7 +17,7 @@ import shutil
 import sys
 
 from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_OK, resolve_path
-from vflan_jax.data.conversation import IMAGE_TOKEN
+from vflan_jax.constants import IMAGE_TOKEN
 from vflan_jax.data.synthetic import task_name
 
 SPLITS = ("adversarial", "popular", "random")

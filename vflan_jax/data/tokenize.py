@@ -30,13 +30,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from vflan_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN
 from vflan_jax.data import skips
-from vflan_jax.data.conversation import (IMAGE_TOKEN, Template, get_template, preprocess_multimodal,
-                                         render_with_spans)
+from vflan_jax.data.conversation import Template, get_template, preprocess_multimodal, render_with_spans
 from vflan_jax.data.skips import BadRecord
-
-IMAGE_PLACEHOLDER = -200   # LLaVA's IMAGE_TOKEN_INDEX: not a vocab id, expanded to the image's tokens
-IGNORE_INDEX = -100
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -52,7 +49,7 @@ def _image_chunks(text: str, tokenizer):
     ids = encoded[0][:lead]
     pieces = []   # (char_start, chunk_text, token_start, chunk_ids without its BOS)
     char = 0
-    for k, (chunk, chunk_ids) in enumerate(zip(chunks, encoded)):
+    for k, (chunk, chunk_ids) in enumerate(zip(chunks, encoded, strict=True)):
         if k:
             ids.append(IMAGE_PLACEHOLDER)
             char += len(IMAGE_TOKEN)

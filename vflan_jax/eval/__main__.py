@@ -19,9 +19,10 @@ import sys
 from vflan_jax.cli import EXIT_BAD_INPUT, EXIT_FAILURE, is_url, resolve_path
 from vflan_jax.data.conversation import TEMPLATES
 from vflan_jax.data.image import ASPECTS
+from vflan_jax.data.tfds_source import TFDSUnavailable
 from vflan_jax.eval.benchmark import BenchmarkError
-from vflan_jax.eval.judge import JudgeError, make_judge
 from vflan_jax.eval.jsonl import read_jsonl
+from vflan_jax.eval.judge import JudgeError, make_judge
 from vflan_jax.eval.registry import BENCHMARKS, get_benchmark
 from vflan_jax.eval.report import write_report
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     commands = {"run": cmd_run, "score": cmd_score, "table": cmd_table}
     try:
         return commands[args.command](args)
-    except BenchmarkError as e:
+    except (BenchmarkError, TFDSUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except JudgeError as e:

@@ -4,7 +4,7 @@ asked as free-form questions; CF = mean accuracy over the datasets present.
 Data layout: D/<dataset>/<class_name>/*.png|jpg with <dataset> one of cifar10, cifar100, mnist,
 miniimagenet (case, '-' and '_' ignored), or for cifar10, cifar100 and mnist a prepared TFDS
 dataset D/<dataset>/<version>/ (D is then TFDS's data_dir; the test split is read with
-tfds.data_source, class names from its metadata; tfds_source.py). Class folder names are the
+tfds.data_source, class names from its metadata; data/tfds_source.py). Class folder names are the
 labels ('_' read as a space; MNIST folders "7" or "7 - seven"). Optional
 D/<dataset>/class_names.json {"<folder or TFDS label name>": ["name", ...]} gives names/synonyms
 (needed when folders are WordNet ids, as in miniImageNet).
@@ -22,9 +22,9 @@ import json
 import os
 import re
 
+from vflan_jax.data.tfds_source import TFDSClassification, is_prepared_tfds
 from vflan_jax.eval.benchmark import SHORT_ANSWER_SUFFIX, BenchmarkError, Question, Result, pct, record_key
 from vflan_jax.eval.judge import ReviewLog, review_key
-from vflan_jax.eval.tfds_source import TFDSClassification, is_prepared_tfds
 
 NAME = "forgetting"
 MAX_NEW_TOKENS = 128
@@ -174,7 +174,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
                                                                         prediction=text)}]
             items.append((review_key(judge, q.key, text, messages, temperature, max_tokens), messages))
         verdicts = collections.defaultdict(list)
-        for (q, _), record in zip(answered, cache.review_all(items, review, desc="judge forgetting")):
+        for (q, _), record in zip(answered, cache.review_all(items, review, desc="judge forgetting"), strict=True):
             verdicts[q.metadata["dataset"]].append(record["verdict"])
         for d, v in verdicts.items():
             per_dataset[d]["judge_acc"] = pct(sum(x is True for x in v), len(v))

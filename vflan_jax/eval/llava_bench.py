@@ -19,8 +19,8 @@ import os
 import numpy as np
 
 from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, files_with_images, record_key
-from vflan_jax.eval.judge import ReviewLog, request_body, review_key, write_pending_requests
 from vflan_jax.eval.jsonl import read_jsonl, write_jsonl
+from vflan_jax.eval.judge import ReviewLog, request_body, review_key, write_pending_requests
 
 NAME = "llava_bench"
 MAX_NEW_TOKENS = 1024
@@ -156,7 +156,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
     cached = cache.review_all(items, review, desc="judge llava_bench")
     # This scoring's reviews alone, in LLaVA's review-file fields: summarize_gpt_review.py -f reads it as is.
     reviews = [{k: r[k] for k in ("id", "question_id", "answer1_id", "answer2_id", "category")}
-               | {"content": c["content"], "tuple": c["tuple"]} for r, c in zip(requests, cached)]
+               | {"content": c["content"], "tuple": c["tuple"]} for r, c in zip(requests, cached, strict=True)]
     review_path = os.path.join(out_dir, "llava_bench_reviews.jsonl")
     write_jsonl(review_path, reviews)
     notes.append(cache.note())

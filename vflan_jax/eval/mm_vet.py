@@ -16,8 +16,9 @@ import json
 import os
 
 from vflan_jax.eval.benchmark import BenchmarkError, Question, Result, files_with_images, pct, record_key
+from vflan_jax.eval.jsonl import read_jsonl
 from vflan_jax.eval.judge import ReviewLog, request_body, review_key, write_pending_requests
-from vflan_jax.eval.jsonl import read_jsonl, write_json
+from vflan_jax.files import write_json
 
 NAME = "mm_vet"
 MAX_NEW_TOKENS = 1024
@@ -125,7 +126,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
         if a is not None:
             answered[f"v1_{q.question_id}"] = a["text"]
     results_path = os.path.join(out_dir, "mm-vet_results.json")
-    write_json(results_path, answered)
+    write_json(results_path, answered, indent=1, sort_keys=False)
     missing = len(questions) - len(answered)
     notes = [f"{missing} of {len(questions)} questions unanswered (not graded)"] if missing else []
     unknown = [k for k in answered if k not in annotations]
@@ -150,7 +151,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
 
     items = [(review_key(judge, k, answered[k], [{"role": "user", "content": p}], temperature, max_tokens), k)
              for k, p in prompts.items()]
-    grades = dict(zip(prompts, cache.review_all(items, review, desc="judge mm_vet")))
+    grades = dict(zip(prompts, cache.review_all(items, review, desc="judge mm_vet"), strict=True))
     notes.append(cache.note())
     scores = {k: g["score"] for k, g in grades.items()}
     per_cap = collections.defaultdict(list)

@@ -16,7 +16,7 @@ import os
 import re
 import sys
 
-from vflan_jax.eval.benchmark import (MULTIPLE_CHOICE_SUFFIX, BenchmarkError, Question, Result, pct, record_key)
+from vflan_jax.eval.benchmark import MULTIPLE_CHOICE_SUFFIX, BenchmarkError, Question, Result, pct, record_key
 
 NAME = "mmbench"
 MAX_NEW_TOKENS = 1024
@@ -70,7 +70,7 @@ def build_prompt(row: dict) -> str:
     question = row["question"]
     if not is_none(row.get("hint")):
         question = row["hint"] + "\n" + question
-    for letter, option in zip(LETTERS, options_of(row)):
+    for letter, option in zip(LETTERS, options_of(row), strict=False):  # a row may have fewer than 4 options
         question = question + "\n" + letter + ". " + option
     return question
 
@@ -170,7 +170,7 @@ def write_submission(columns: list[str], rows: list[dict], predictions: dict, ou
     sheet = book.active
     sheet.append(kept)
     for line in table:
-        sheet.append([int(v) if c == "index" else v for c, v in zip(kept, line)])
+        sheet.append([int(v) if c == "index" else v for c, v in zip(kept, line, strict=True)])
     path = os.path.join(out_dir, "mmbench_submission.xlsx")
     book.save(path)
     return path

@@ -22,9 +22,15 @@ import random
 import re
 
 from vflan_jax.eval import mmmu_rules as rules
-from vflan_jax.eval.benchmark import (MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX, BenchmarkError, Question,
-                                      Result, record_key)
-from vflan_jax.eval.jsonl import write_json
+from vflan_jax.eval.benchmark import (
+    MULTIPLE_CHOICE_SUFFIX,
+    SHORT_ANSWER_SUFFIX,
+    BenchmarkError,
+    Question,
+    Result,
+    record_key,
+)
+from vflan_jax.files import write_json
 
 NAME = "mmmu"
 MAX_NEW_TOKENS = 128            # MMMU's call_llava_engine_df
@@ -94,9 +100,9 @@ def build_prompt(sample: dict, options: list[str]) -> tuple[str, dict]:
     """data_utils.construct_prompt (task_instructions empty): the prompt and MMMU's choice fields."""
     if sample["question_type"] == "multiple-choice":
         letters = [chr(ord("A") + i) for i in range(len(options))]
-        example = "".join(f"({l}) {o}\n" for l, o in zip(letters, options))
+        example = "".join(f"({letter}) {o}\n" for letter, o in zip(letters, options, strict=True))
         return MULTI_CHOICE_FORMAT.format(sample["question"], example), {
-            "all_choices": letters, "index2ans": dict(zip(letters, options))}
+            "all_choices": letters, "index2ans": dict(zip(letters, options, strict=True))}
     return SHORT_ANSWER_FORMAT.format(sample["question"]), {}
 
 
@@ -184,7 +190,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
             outputs.setdefault(q.metadata["subject"], []).append(output_record(q, a["text"]))
     root = os.path.join(out_dir, "mmmu_outputs")
     for subject, records in outputs.items():
-        write_json(os.path.join(root, subject, "output.json"), records)
+        write_json(os.path.join(root, subject, "output.json"), records, indent=1, sort_keys=False)
     answered = sum(len(v) for v in outputs.values())
     notes = [f"{len(questions) - answered} of {len(questions)} questions unanswered (not scored)"] if answered < len(
         questions) else []

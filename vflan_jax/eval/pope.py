@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import os
 
-from vflan_jax.eval.benchmark import (SHORT_ANSWER_SUFFIX, BenchmarkError, Question, Result, pct, record_key,
-                                      require_dir, require_file, with_suffix)
+from vflan_jax.eval.benchmark import (
+    SHORT_ANSWER_SUFFIX,
+    BenchmarkError,
+    Question,
+    Result,
+    pct,
+    record_key,
+    require_dir,
+    require_file,
+    with_suffix,
+)
 from vflan_jax.eval.jsonl import read_jsonl
 
 NAME = "pope"
@@ -51,7 +60,7 @@ def split_labels(data_dir: str, split: str, n_questions: int) -> list[str]:
         raise BenchmarkError(f"POPE: expected {os.path.join(data_dir, 'coco', f'coco_pope_{split}.json')} "
                              f"(POPE's annotation file for the {split} split); not found")
     labels = [r.get("label") for r in read_jsonl(path, "POPE annotations")]
-    if len(labels) != n_questions or any(l not in ("yes", "no") for l in labels):
+    if len(labels) != n_questions or any(label not in ("yes", "no") for label in labels):
         raise BenchmarkError(f"POPE: {path}: expected {n_questions} lines with label yes/no "
                              f"(one per {split} question of {QUESTION_FILE}, same order); got {len(labels)}")
     return labels
@@ -74,10 +83,10 @@ def parse_answer(text: str) -> str:
 
 
 def split_metrics(preds: list[str], labels: list[str]) -> dict:
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(preds, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(preds, labels))
-    fp = sum(p == "yes" and l != "yes" for p, l in zip(preds, labels))
-    fn = sum(p == "no" and l == "yes" for p, l in zip(preds, labels))
+    tp = sum(p == "yes" and label == "yes" for p, label in zip(preds, labels, strict=True))
+    tn = sum(p == "no" and label == "no" for p, label in zip(preds, labels, strict=True))
+    fp = sum(p == "yes" and label != "yes" for p, label in zip(preds, labels, strict=True))
+    fn = sum(p == "no" and label == "yes" for p, label in zip(preds, labels, strict=True))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -96,7 +105,7 @@ def evaluate(answers: list[dict], data_dir: str, out_dir: str, judge=None) -> Re
             continue
         labels = split_labels(data_dir, split, len(split_questions))
         preds, kept = [], []
-        for q, label in zip(split_questions, labels):
+        for q, label in zip(split_questions, labels, strict=True):
             a = by_key.get(q.key)
             if a is None:
                 missing += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from vflan_jax.eval.benchmark import Result
-from vflan_jax.eval.jsonl import write_json
+from vflan_jax.files import write_json
 
 
 def _fmt(value) -> str:
@@ -59,7 +59,7 @@ def write_report(result: Result, out_dir: str, context: dict | None = None) -> d
     context = context or {}
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"report.{ext}") for ext in ("json", "md", "png")}
-    write_json(paths["json"], {**result.to_json(), "context": context})
+    write_json(paths["json"], {**result.to_json(), "context": context}, indent=1, sort_keys=False)
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write(markdown(result, context))
     bar_chart(result, paths["png"])

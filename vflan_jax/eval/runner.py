@@ -49,7 +49,7 @@ def run_questions(questions: Sequence[Question], answer_file: str, generate: Gen
             raise RuntimeError(f"generator returned {len(generated)} answers for {len(asked)} prompts")
         answers = iter(generated)
         texts = [q.fixed_answer if q.fixed_answer is not None else next(answers) for q in batch]
-        append_jsonl(answer_file, [answer_record(q, t.strip(), model_id) for q, t in zip(batch, texts)])
+        append_jsonl(answer_file, [answer_record(q, t.strip(), model_id) for q, t in zip(batch, texts, strict=True)])
         bar.update(len(batch))
     bar.close()
     if todo:

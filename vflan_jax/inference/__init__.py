@@ -1,1 +1,3 @@
-"""Batched KV-cache decoding: `generator.Generator` (the library), the pieces it runs; `vflan_jax.generate` is the CLI."""
+"""Batched KV-cache decoding: `generator.Generator` (the library) and the pieces it runs.
+
+`vflan_jax.generate` is the CLI."""

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from vflan_jax.data.tokenize import IMAGE_PLACEHOLDER
+from vflan_jax.constants import IMAGE_PLACEHOLDER
 from vflan_jax.models.config import ModelConfig
 from vflan_jax.models.llava import check_image_slots
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from typing import Iterable, TextIO
 
-from vflan_jax.data.conversation import GPT, HUMAN, IMAGE_TOKEN, VICUNA_V1, render
+from vflan_jax.constants import IMAGE_TOKEN
+from vflan_jax.data.conversation import GPT, HUMAN, VICUNA_V1, render
 
 EXIT_WORDS = ("exit", "quit")
 

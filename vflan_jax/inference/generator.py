@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -22,9 +21,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vflan_jax.data.conversation import IMAGE_TOKEN, TEMPLATES, render_prompt
+from vflan_jax.constants import IMAGE_PLACEHOLDER, IMAGE_TOKEN
+from vflan_jax.data.conversation import TEMPLATES, render_prompt
 from vflan_jax.data.image import load_pixels, pixels_from_image, to_rgb
-from vflan_jax.data.tokenize import IMAGE_PLACEHOLDER, tokenizer_image_token
+from vflan_jax.data.tokenize import tokenizer_image_token
 from vflan_jax.inference import batching, stopping
 from vflan_jax.inference.decode import CompiledDecoder, eos_array
 from vflan_jax.inference.sampling import SamplingParams
@@ -78,12 +78,12 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path, *, mesh=None, dtype: str | None = None, **kw) -> "Generator":
-        """A vflan_jax model checkpoint or a transformers LLaVA directory (model_checkpoint.load_any)."""
-        from vflan_jax.model_checkpoint import load_any
+        """A vflan_jax model checkpoint or a transformers LLaVA directory (checkpoint.load_any)."""
+        from vflan_jax.checkpoint import load_any, load_tokenizer
         from vflan_jax.parallel import make_mesh
         mesh = mesh if mesh is not None else make_mesh()
         params, cfg, tok_dir = load_any(path, mesh, kw.get("rules", DEFAULT_RULES), dtype)
-        return cls(params, cfg, _load_tokenizer(tok_dir), mesh=mesh, **kw)
+        return cls(params, cfg, load_tokenizer(tok_dir), mesh=mesh, **kw)
 
     @property
     def trace_counts(self):
@@ -98,7 +98,7 @@ class Generator:
         a path, PIL image or None per prompt."""
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} images (use None for no image)")
-        texts = [self.render(p, img is not None) for p, img in zip(prompts, images)]
+        texts = [self.render(p, img is not None) for p, img in zip(prompts, images, strict=True)]
         return self._generate_texts(texts, images, config)
 
     def generate_ids(self, input_ids: list[list[int]], pixel_values: list, config: GenerationConfig | None = None
@@ -126,7 +126,7 @@ class Generator:
         """Already-rendered prompts (each <image> becomes one placeholder) + image sources."""
         if self.tokenizer is None:
             raise ValueError("this Generator has no tokenizer: pass one, or use generate_ids")
-        for text, img in zip(texts, images):
+        for text, img in zip(texts, images, strict=True):
             found = text.count(IMAGE_TOKEN)
             if found != (img is not None):
                 raise ValueError(f"prompt {text[:80]!r} has {found} {IMAGE_TOKEN} placeholder(s) but "
@@ -168,7 +168,7 @@ class Generator:
         def prepare(chunk):  # host work (image decode, padding), overlapped with the device
             images = [images_of(i) for i in chunk]
             rows = [batching.expand_image_placeholders(input_ids[i], len(im), self.config)
-                    for i, im in zip(chunk, images)]
+                    for i, im in zip(chunk, images, strict=True)]
             t = batching.round_up_to_bucket(max(len(r) for r in rows), self.prompt_buckets)
             b = batching.batch_bucket(len(chunk), self.batch_size, self._batch_multiple)
             return batching.assemble(rows, images, self.config, b, t)
@@ -180,7 +180,7 @@ class Generator:
                 if c + 1 < len(chunks):
                     pending = pool.submit(prepare, chunks[c + 1])
                 rows = self._generate_batch(batch, chunk, sampling, config)
-                for i, ids in zip(chunk, rows):
+                for i, ids in zip(chunk, rows, strict=True):
                     text, kept = stopping.finalize(self.tokenizer, ids, self.eos_ids, config.stop_strings)
                     results[i] = GenerationResult(text, kept)
         return results
@@ -230,19 +230,3 @@ def _as_image_list(pixels) -> list[np.ndarray]:
     if arr.ndim == 4:
         return list(arr)
     raise ValueError(f"pixel values must be [3, H, W] or [K, 3, H, W], got shape {arr.shape}")
-
-
-def _load_tokenizer(tok_dir):
-    if tok_dir is None:
-        return None
-    from transformers import AutoTokenizer
-    if os.path.isdir(str(tok_dir)):
-        return AutoTokenizer.from_pretrained(str(tok_dir))
-    import tempfile
-
-    from etils import epath
-    with tempfile.TemporaryDirectory() as tmp:  # remote (gs://): transformers reads local files only
-        for item in epath.Path(tok_dir).iterdir():
-            if item.is_file():
-                (epath.Path(tmp) / item.name).write_bytes(item.read_bytes())
-        return AutoTokenizer.from_pretrained(tmp)

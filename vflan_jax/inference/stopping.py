@@ -32,7 +32,8 @@ def has_stop(tokenizer, ids: Sequence[int], stop_strings: Sequence[str]) -> bool
     return bool(stop_strings) and first_stop(decode_text(tokenizer, ids), stop_strings) >= 0
 
 
-def finalize(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop_strings: Sequence[str]) -> tuple[str, list[int]]:
+def finalize(tokenizer, ids: Sequence[int], eos_ids: Sequence[int],
+             stop_strings: Sequence[str]) -> tuple[str, list[int]]:
     """(text as LLaVA returns it: decode(skip_special_tokens=True).strip(), generated ids)."""
     ids = cut_after_eos(ids, eos_ids)
     text = decode_text(tokenizer, ids)

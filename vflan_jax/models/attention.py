@@ -125,9 +125,9 @@ def _blockwise_fwd(q, k, v, seg, scale, block):
         s = _block_scores(q[:, :, :, lo:hi], k[:, :, :hi], seg, lo, hi, scale)
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
-        l = jnp.sum(p, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", (p / l).astype(v.dtype), v[:, :, :hi]))
-        lses.append((m + jnp.log(l))[..., 0])
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", (p / denom).astype(v.dtype), v[:, :, :hi]))
+        lses.append((m + jnp.log(denom))[..., 0])
     out = jnp.concatenate(outs, axis=3)
     return out, (q, k, v, seg, out, jnp.concatenate(lses, axis=3))
 

@@ -60,7 +60,9 @@ class CLIPAttention(nn.Module):
         c = self.config
         b, t, d = x.shape
         shape = (b, t, c.num_heads, c.head_dim)
-        proj = lambda name, axes: _dense(d, axes, self.dtype, self.param_dtype, name)  # noqa: E731
+        def proj(name, axes):
+            return _dense(d, axes, self.dtype, self.param_dtype, name)
+
         q = proj("q_proj", ("vision_embed", "vision_heads"))(x).reshape(shape)
         k = proj("k_proj", ("vision_embed", "vision_heads"))(x).reshape(shape)
         v = proj("v_proj", ("vision_embed", "vision_heads"))(x).reshape(shape)
@@ -94,7 +96,8 @@ class CLIPEmbeddings(nn.Module):
         x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)  # NCHW -> NHWC
         patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
                           padding="VALID", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                          kernel_init=nn.with_logical_partitioning(_init, ("patch_h", "patch_w", "channels", "vision_embed")),
+                          kernel_init=nn.with_logical_partitioning(
+                              _init, ("patch_h", "patch_w", "channels", "vision_embed")),
                           name="patch_embedding")(x)
         n = patches.shape[0]
         patches = patches.reshape(n, -1, c.hidden_size)  # row-major over the grid, as torch flatten(2)

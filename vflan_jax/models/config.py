@@ -9,10 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
-IGNORE_INDEX = -100
-# LLaVA's own image placeholder (docs/REFERENCE.md §1.4). It is not a vocabulary entry, so vocab stays
-# 32000; HF llava-hf checkpoints use id 32000 in a 32064-row vocabulary instead.
-LLAVA_IMAGE_TOKEN_ID = -200
+from vflan_jax.constants import IMAGE_PLACEHOLDER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,9 @@ class ModelConfig:
     projector_type: str = "mlp2x_gelu"
     vision_feature_layer: int = -2
     vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
-    image_token_id: int = LLAVA_IMAGE_TOKEN_ID
+    # LLaVA's own placeholder by default: no vocabulary entry, so vocab stays 32000; HF llava-hf
+    # checkpoints use id 32000 in a 32064-row vocabulary instead.
+    image_token_id: int = IMAGE_PLACEHOLDER
     # Computation, not architecture: safe to change between training and inference.
     dtype: str = "float32"         # activations / matmul inputs
     param_dtype: str = "float32"   # stored (master) parameters
@@ -110,7 +109,8 @@ class ModelConfig:
         if not 0 <= self.vision_layers_used <= v.num_layers:
             problems.append(f"vision_feature_layer={self.vision_feature_layer} is outside a {v.num_layers}-layer tower")
         if self.vision_feature_select_strategy not in ("default", "full"):
-            problems.append(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: use 'default' or 'full'")
+            problems.append(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}: "
+                            "use 'default' or 'full'")
         if v.hidden_act not in ("quick_gelu", "gelu"):
             problems.append(f"vision.hidden_act={v.hidden_act!r}: use 'quick_gelu' or 'gelu'")
         from vflan_jax.models.projector import parse_projector_type

@@ -8,6 +8,7 @@ with the query's write index.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -40,7 +41,9 @@ class KVCache(NamedTuple):
     @classmethod
     def zeros(cls, config: TextConfig, batch: int, max_len: int, dtype) -> "KVCache":
         shape = (batch, config.num_kv_heads, max_len, config.resolved_head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+        def zeros():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+
         # Distinct buffers for k and v: the decode loop donates (updates in place) both.
         return cls(zeros(), zeros(), jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -48,13 +51,22 @@ class KVCache(NamedTuple):
 def unstack_layers(lm_params, num_layers: int):
     """LlamaModel params with the stacked decoder layers split into a tuple of per-layer trees;
     only the KV-cache path accepts this form (training and init need the stacked one)."""
-    layers = tuple(jax.tree.map(lambda p: p[i], lm_params["layers"]) for i in range(num_layers))  # noqa: B023
+    layers = tuple(jax.tree.map(operator.itemgetter(i), lm_params["layers"]) for i in range(num_layers))
     return {**lm_params, "layers": layers}
 
 
 def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str | None = None, lora=None) -> nn.Module:
     # A LoRA adapter (models/lora.py) where text.lora targets this projection, else a plain Dense.
     return lora_dense(features, axes, dtype, param_dtype, name, lora, _init)
+
+
+def _project(module: nn.Module, features: int, axes: tuple[str, str], name: str, x):
+    """The projection `name` of the calling module applied to x [..., D] with the leading axes merged:
+    for a [B, T, D] input, XLA:CPU computes the weight gradient through a strided transposing copy of the
+    output gradient, the largest single op of the CPU train step (docs/PERFORMANCE.md, "Training step");
+    the 2-D matmul needs none. Same parameters and values."""
+    layer = _dense(features, axes, module.dtype, module.param_dtype, name, module.config.lora)
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
 
 
 class RMSNorm(nn.Module):
@@ -111,11 +123,13 @@ class LlamaAttention(nn.Module):
         c = self.config
         b, t, d = x.shape
         hd = c.resolved_head_dim
-        q = _dense(c.num_heads * hd, ("embed", "heads"), self.dtype, self.param_dtype, "q_proj", c.lora)(x)
-        k = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "k_proj", c.lora)(x)
-        v = _dense(c.num_kv_heads * hd, ("embed", "kv_heads"), self.dtype, self.param_dtype, "v_proj", c.lora)(x)
-        q = nn.with_logical_constraint(q.reshape(b, t, c.num_heads, hd), ("act_batch", "act_length", "act_heads", None))
-        k = nn.with_logical_constraint(k.reshape(b, t, c.num_kv_heads, hd), ("act_batch", "act_length", "act_kv_heads", None))
+        q = _project(self, c.num_heads * hd, ("embed", "heads"), "q_proj", x)
+        k = _project(self, c.num_kv_heads * hd, ("embed", "kv_heads"), "k_proj", x)
+        v = _project(self, c.num_kv_heads * hd, ("embed", "kv_heads"), "v_proj", x)
+        q = nn.with_logical_constraint(q.reshape(b, t, c.num_heads, hd),
+                                       ("act_batch", "act_length", "act_heads", None))
+        k = nn.with_logical_constraint(k.reshape(b, t, c.num_kv_heads, hd),
+                                       ("act_batch", "act_length", "act_kv_heads", None))
         v = v.reshape(b, t, c.num_kv_heads, hd)
         q = rotary_embedding(q, positions, c.rope_theta)
         k = rotary_embedding(k, positions, c.rope_theta)
@@ -132,7 +146,7 @@ class LlamaAttention(nn.Module):
             new_cache = (cache_k, cache_v)
             out = cached_attention(q, cache_k.astype(self.dtype), cache_v.astype(self.dtype), cache_mask, hd ** -0.5)
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
-        out = _dense(d, ("heads", "embed"), self.dtype, self.param_dtype, "o_proj", c.lora)(out.reshape(b, t, c.num_heads * hd))
+        out = _project(self, d, ("heads", "embed"), "o_proj", out.reshape(b, t, c.num_heads * hd))
         return out, new_cache
 
 
@@ -144,10 +158,10 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "gate_proj", c.lora)(x)
-        up = _dense(c.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "up_proj", c.lora)(x)
+        gate = _project(self, c.intermediate_size, ("embed", "mlp"), "gate_proj", x)
+        up = _project(self, c.intermediate_size, ("embed", "mlp"), "up_proj", x)
         h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return _dense(c.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype, "down_proj", c.lora)(h)
+        return _project(self, c.hidden_size, ("mlp", "embed"), "down_proj", h)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -159,7 +173,9 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, positions, segment_ids, cache_mask=None, cache_index=None, layer_cache=None):
         c = self.config
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
+        def norm(name):
+            return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+
         attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(
             norm("input_layernorm")(h), positions, segment_ids, cache_mask, cache_index, layer_cache)
         h = h + attn
@@ -235,7 +251,7 @@ class LlamaModel(nn.Module):
         layer = LlamaDecoderLayer(self.config, self.dtype, self.param_dtype, self.attention_impl, parent=None)
         ks, vs = [], []
         for i in range(self.config.num_layers):
-            params = layers[i] if isinstance(layers, tuple) else jax.tree.map(lambda p: p[i], layers)  # noqa: B023
+            params = layers[i] if isinstance(layers, tuple) else jax.tree.map(operator.itemgetter(i), layers)
             h, (k, v) = layer.apply({"params": params}, h, positions, None, mask, cache.index, (cache.k[i], cache.v[i]))
             ks.append(k)
             vs.append(v)

@@ -39,7 +39,8 @@ def check_image_slots(input_ids, image_mask, tokens_per_image: int, image_token_
             f"{image_token_id} but {int(mask[r].sum())} image(s) x {tokens_per_image} tokens = {int(expected[r])}")
     not_prefix = np.nonzero((np.cumsum(~mask, axis=1) > 0) & mask)[0]
     if not_prefix.size:
-        raise ValueError(f"image_mask row {int(not_prefix[0])} has a used slot after an unused one: {mask[not_prefix[0]]}")
+        raise ValueError(f"image_mask row {int(not_prefix[0])} has a used slot after an unused one: "
+                         f"{mask[not_prefix[0]]}")
 
 
 def splice_image_features(embeds, input_ids, image_features, image_token_id: int):

@@ -7,6 +7,11 @@ it, only through it. A is drawn as PEFT draws lora_A (kaiming-uniform, a=sqrt(5)
 B starts at zero, so a fresh adapter leaves the model unchanged. A and B are float32 and shard like
 their base layer: A over the base's input axis, B over its output axis.
 
+Dropout (`dropout` > 0) acts as PEFT's lora_dropout: on the adapter's input only,
+(alpha / rank) * (dropout(x) A) B, each projection with its own mask, kept values scaled by 1 / (1 - p).
+It is drawn only when the caller passes a "dropout" RNG, which only the train step does (train/step.py);
+evaluation, generation and export pass none and are deterministic.
+
 The base may be stored quantized and dequantized on the fly inside the matmul's fusion:
   int8: symmetric per output channel, `kernel` int8 [in, out] + `kernel_scale` float32 [out];
   nf4:  QLoRA's 4-bit NormalFloat (Dettmers et al. 2023) in blocks of `block_size` inputs per
@@ -82,13 +87,13 @@ def resolve_targets(patterns: Sequence[str]) -> tuple[str, ...]:
 
 
 def default_lora_config():
-    """The trainer config's `lora` block (rank 0: off). LLaVA-1.5's LoRA recipe: rank 128, alpha 256
-    (recipes.use_lora); its dropout 0.05 is not implemented here (dropout must stay 0)."""
+    """The trainer config's `lora` block (rank 0: off). LLaVA-1.5's LoRA recipe: rank 128, alpha 256,
+    dropout 0.05 (recipes.use_lora)."""
     import ml_collections
     c = ml_collections.ConfigDict()
     c.rank = 0
     c.alpha = 16.0
-    c.dropout = 0.0                      # only 0: no dropout key reaches the layers yet
+    c.dropout = 0.0                      # on the adapters' input, in training only (PEFT's lora_dropout)
     c.target_modules = DEFAULT_TARGETS   # regexes searched in the kernels' paths, e.g. "self_attn/(q|v)_proj"
     c.quantize = "none"                  # the frozen base: none | int8 | nf4 (QLoRA)
     c.block_size = 64                    # nf4 inputs per scale
@@ -105,9 +110,8 @@ def lora_config_from(c) -> LoraConfig | None:
         bad("rank", f"must be an int >= 0 (0 = off), got {c.rank!r}")
     if not c.alpha or c.alpha <= 0:
         bad("alpha", f"must be > 0, got {c.alpha!r}")
-    if c.dropout != 0:   # kept in LoraConfig only to describe imported/exported PEFT adapters
-        bad("dropout", f"{c.dropout!r}: adapter dropout is not implemented (the train step passes no dropout "
-            "key); use 0")
+    if not isinstance(c.dropout, (int, float)) or not 0 <= c.dropout < 1:
+        bad("dropout", f"must be a probability in [0, 1), got {c.dropout!r}")
     if c.quantize not in QUANTIZE:
         bad("quantize", f"{c.quantize!r} is not one of {QUANTIZE}")
     if c.block_size < 2 or c.block_size % 2:
@@ -177,8 +181,17 @@ class LoraDense(nn.Module):
                        (cfg.rank, self.features), jnp.float32)
         x = x.astype(self.dtype)
         y = jnp.dot(x, base)
-        delta = jnp.dot(jnp.dot(x, a.astype(self.dtype)), b.astype(self.dtype))
+        delta = jnp.dot(jnp.dot(self._adapter_input(x), a.astype(self.dtype)), b.astype(self.dtype))
         return y + (cfg.scale * delta).astype(y.dtype)
+
+    def _adapter_input(self, x):
+        """x with dropout applied in training (a "dropout" RNG given), else x itself."""
+        rate = self.lora.dropout
+        if rate == 0 or not self.has_rng("dropout"):
+            return x
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, x.shape)
+        self.sow("intermediates", "dropout_keep", keep)   # a no-op unless the caller collects it (tests)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
     def _base_kernel(self, n_in: int):
         cfg, shape = self.lora, (n_in, self.features)

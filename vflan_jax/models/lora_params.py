@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vflan_jax.models.config import ModelConfig
-from vflan_jax.models.lora import PARENT, PROJECTIONS, LoraConfig, lora_a_init, dequantize, quantize
+from vflan_jax.models.lora import PARENT, PROJECTIONS, LoraConfig, dequantize, lora_a_init, quantize
 
 
 def _modules(params):
@@ -44,7 +44,7 @@ def merged(params: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
         return params, cfg
     dtype = jnp.dtype(cfg.param_dtype)
     out = jax.tree.map(lambda x: x, params)   # new containers, same leaves
-    for name, module in _modules(out):
+    for _, module in _modules(out):
         if "lora_a" not in module:
             continue
         w = float_kernel(module, lora)
@@ -69,7 +69,8 @@ def with_adapters(params: dict, cfg: ModelConfig, seed: int = 0) -> dict:
         kernel = module["kernel"]
         n_layers, n_in, n_out = kernel.shape
         if lora.quantize != "none":
-            codes, scales = zip(*(quantize(kernel[i], lora.quantize, lora.block_size) for i in range(n_layers)))
+            quantized = [quantize(kernel[i], lora.quantize, lora.block_size) for i in range(n_layers)]
+            codes, scales = zip(*quantized, strict=True)
             module["kernel"], module["kernel_scale"] = jnp.stack(codes), jnp.stack(scales)
         keys = jax.random.split(jax.random.fold_in(key, index), n_layers)
         module["lora_a"] = jnp.stack([lora_a_init(k, (n_in, lora.rank)) for k in keys])

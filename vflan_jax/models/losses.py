@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from vflan_jax.models.config import IGNORE_INDEX
+from vflan_jax.constants import IGNORE_INDEX
 
 
 def _chunks(x, n_chunks: int):
@@ -100,10 +100,11 @@ def _ce(h, w, targets, weights, n_chunks):
     return ce, jnp.sum(ce * weights)
 
 
-def _ce_fwd(n_chunks, h, w, targets, weights):
+def _ce_fwd(h, w, targets, weights, n_chunks):
     h, w, targets, weights = h.value, w.value, targets.value, weights.value
     ce, lse, dh, dw = _losses_and_total_grads(h, w, targets, weights, n_chunks)
-    # Unused residuals (the per-token path's, or these gradients) are dead code XLA removes.
+    # Residuals the backward leaves unused (the per-token path's, or a frozen lm_head's gradient) are
+    # dead code XLA removes (tests/train/test_chunked_loss.py counts the matmuls that remain).
     return (ce, jnp.sum(ce * weights)), (h, w, targets, weights, lse, dh, dw)
 
 

@@ -32,8 +32,8 @@ def scanned_stack(layer_cls: type[nn.Module], *, length: int, remat_policy: str,
     in_axes = (nn.broadcast,) * num_broadcast_args
     return nn.scan(
         block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
+        variable_axes={"params": 0, "intermediates": 0},   # intermediates: what tests sow, per layer
+        split_rngs={"params": True, "dropout": True},   # each layer its own init and dropout (LoRA) keys
         in_axes=in_axes,
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},

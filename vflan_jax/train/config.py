@@ -12,6 +12,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from vflan_jax import parallel
 from vflan_jax.data.pipeline import default_data_config, validate_data_config
 from vflan_jax.models.config import ModelConfig, get_preset
 from vflan_jax.models.lora import default_lora_config, lora_config_from
@@ -44,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0          # held-out/val evaluation cadence (0 = only at the end)
     c.eval_max_examples = 256
     c.eval_data = ml_collections.ConfigDict()   # name -> source_config(...): extra eval-only splits (e.g. val)
+    # Steps (1-based, as metrics.jsonl counts them) to trace into workdir/profile for TensorBoard
+    # (train/profile.py); consecutive steps form one trace. --config.profile_steps="(5, 6)".
+    c.profile_steps = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"         # models/config.py PRESETS; "checkpoint" = the shapes of init_from
@@ -55,6 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict()   # ModelConfig fields, e.g. {"text": {"num_layers": 4}}
 
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    # Logical axis name -> mesh axes, merged onto parallel.DEFAULT_RULES (one entry per logical
+    # name, so that the command line can set any: --config.sharding_overrides.embed=data,fsdp).
+    # Unset (None) keeps the default; "none" replicates; "data,fsdp" shards over both. Checked at
+    # set-up: names, mesh axes, and two rules claiming one mesh axis in a parameter (exit 2).
+    c.sharding_overrides = ml_collections.ConfigDict(
+        {name: config_dict.placeholder(str) for name, _ in parallel.DEFAULT_RULES})
     c.optim = default_optim_config()
     c.lora = default_lora_config()   # models/lora.py; rank > 0 trains adapters instead of the LLM
     c.data = default_data_config()
@@ -79,8 +89,10 @@ def model_config(c: ml_collections.ConfigDict, checkpoint_config: ModelConfig | 
 
 def check_init_shapes(configured: ModelConfig, loaded: ModelConfig, source: str) -> None:
     """init_from must have the configured architecture; name every field that differs."""
-    arch = lambda m: {k: v for k, v in dataclasses.asdict(m).items()   # noqa: E731
-                      if k not in ("dtype", "param_dtype", "remat_policy", "attention_impl", "loss_chunk_size")}
+    def arch(m):
+        return {k: v for k, v in dataclasses.asdict(m).items()
+                if k not in ("dtype", "param_dtype", "remat_policy", "attention_impl", "loss_chunk_size")}
+
     a, b = ({k: v for k, v in _flat(arch(m)).items() if not k.startswith("text.lora")}  # adapters: added on load
             for m in (configured, loaded))
     diff = [f"model.{k}: config {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a) if a[k] != b.get(k)]
@@ -97,6 +109,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def sharding_rules(c: ml_collections.ConfigDict) -> tuple:
+    """parallel.DEFAULT_RULES with the config's sharding_overrides (unset entries keep the default)."""
+    overrides = {name: axes for name, axes in c.sharding_overrides.items() if axes is not None}
+    try:
+        return parallel.rules_with(overrides)
+    except parallel.ShardingRuleError as e:
+        raise ValueError(f"config sharding_overrides.{e}") from None
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
@@ -116,11 +137,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
             bad(field, f"must be > 0 seconds, got {c[field]!r}")
     if c.nonfinite not in NONFINITE:
         bad("nonfinite", f"{c.nonfinite!r} is not one of {NONFINITE}")
-    from vflan_jax.parallel import resolve_mesh_shape
     try:
-        data, fsdp, tensor = resolve_mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices)
+        data, fsdp, tensor = parallel.resolve_mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), num_devices)
     except ValueError as e:
         bad("mesh", str(e))
+    rules = sharding_rules(c)   # "config sharding_overrides.<name>: ..." on an unknown name or mesh axis
+    if rules != parallel.DEFAULT_RULES and c.model.preset != "checkpoint":   # the defaults never clash
+        try:   # abstract shapes only: a clash is named before any data is read
+            parallel.check_rules(parallel.abstract_params(model_config(c)), rules)
+        except parallel.ShardingRuleError as e:
+            bad("sharding_overrides", str(e))
     batch_shards = data * fsdp
     if c.global_batch_size % batch_shards:
         bad("global_batch_size", f"{c.global_batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
@@ -137,6 +163,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, process_count: int)
         bad("model.preset", "'checkpoint' takes the shapes of init_from, which is not set")
     if not c.init_from and not c.tokenizer and not c.synthetic_suite:
         bad("tokenizer", "no tokenizer: set tokenizer=DIR (or init_from a checkpoint that carries one)")
+    steps = c.profile_steps
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= c.total_steps for s in steps):
+        bad("profile_steps", f"must be step numbers in [1, total_steps={c.total_steps}], got {tuple(steps)!r}")
     validate_data_config(c.data)   # its messages say "data config: <field>: ..."
 
 

@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from vflan_jax import parallel
+from vflan_jax.constants import IGNORE_INDEX
 from vflan_jax.data import decoding
 from vflan_jax.data.packing import BatchLayout
 from vflan_jax.data.pipeline import DecodeExample
 from vflan_jax.data.skips import SkipCounter
 from vflan_jax.data.sources import Example, read_examples
-from vflan_jax.models.config import IGNORE_INDEX
 from vflan_jax.train.step import MODEL_INPUTS
 
 
@@ -103,7 +104,7 @@ class ExampleEvaluator:
             n = len(chunk)
             loss_sum += float(out["loss_sum"][:n].sum())
             tokens += float(out["tokens"][:n].sum())
-            for e, right in zip(chunk, out["exact"][:n]):
+            for e, right in zip(chunk, out["exact"][:n], strict=True):
                 per_task[e["task_name"]]["right"] += int(right)
                 per_task[e["task_name"]]["n"] += 1
         total = sum(t["n"] for t in per_task.values())
@@ -114,6 +115,34 @@ class ExampleEvaluator:
             examples=total, skipped=self.skipped.as_dict(),
             per_task={task: {"accuracy": t["right"] / t["n"], "chance": self.chance[task], "n": t["n"]}
                       for task, t in sorted(per_task.items())})
+
+
+class Evaluations:
+    """A run's evaluators on one set of parameters: `run(params)` -> the `eval` part of a metrics
+    record ({name}_loss/_accuracy/_chance/_examples and {name}_per_task for each split)."""
+
+    def __init__(self, evaluators: dict[str, ExampleEvaluator], model, mesh, rules):
+        self.evaluators, self.eval_fn, self.mesh, self.rules = evaluators, make_eval_fn(model), mesh, rules
+
+    def __bool__(self) -> bool:
+        return bool(self.evaluators)
+
+    def __iter__(self):
+        return iter(self.evaluators)
+
+    def _to_device(self, batch: dict) -> dict:
+        # Every host builds the whole eval batch identically; each contributes its share of the rows.
+        n, i = jax.process_count(), jax.process_index()
+        return parallel.global_batch({k: v[i * len(v) // n:(i + 1) * len(v) // n] for k, v in batch.items()},
+                                     self.mesh, self.rules)
+
+    def run(self, params) -> dict:
+        out = {}
+        for name, evaluator in self.evaluators.items():
+            result = evaluator.run(self.eval_fn, params, self._to_device)
+            out.update(result.as_dict(name))
+            out[f"{name}_per_task"] = result.per_task
+        return out
 
 
 EVAL_BATCH_LIMIT = 32  # rows per eval batch at most (one example per row)

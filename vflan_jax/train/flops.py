@@ -15,6 +15,7 @@ Counted (multiply-add = 2 FLOPs), per row of length T holding I image slots:
 from __future__ import annotations
 
 from vflan_jax.models.config import ModelConfig
+from vflan_jax.models.projector import parse_projector_type
 
 
 def _tower_params_per_layer(cfg: ModelConfig) -> int:
@@ -36,7 +37,7 @@ def train_step_flops(cfg: ModelConfig, *, batch: int, seq_len: int, image_slots:
     images = batch * image_slots
     vt = v.num_patches + 1
     tower = images * (2 * _tower_params_per_layer(cfg) * vt + 4 * vt * vt * v.hidden_size) * cfg.vision_layers_used
-    n_proj_layers = 1 if cfg.projector_type == "linear" else int(cfg.projector_type[3:].split("x")[0])
+    n_proj_layers = parse_projector_type(cfg.projector_type)
     proj_params = v.hidden_size * t.hidden_size + (n_proj_layers - 1) * t.hidden_size * t.hidden_size
     projector = (6 if projector_trainable else 2) * proj_params * images * cfg.tokens_per_image
     decoder = (6 if llm_trainable else 4) * _decoder_matmul_params(cfg) * batch * seq_len

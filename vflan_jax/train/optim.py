@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import ml_collections
 import optax
@@ -59,7 +59,8 @@ def trainable_mask(params: Mapping, trainable) -> dict[tuple[str, ...], bool]:
     flat = traverse_util.flatten_dict(params)
     adapted = {p[:-1] for p in flat if _ADAPTER.search(path_name(p))}
     if adapted:
-        trainable = tuple("lora" if t == "llm" else t for t in ((trainable,) if isinstance(trainable, str) else trainable))
+        names = (trainable,) if isinstance(trainable, str) else trainable
+        trainable = tuple("lora" if t == "llm" else t for t in names)
     patterns = _patterns(trainable)
     for pattern in patterns:
         try:
@@ -125,13 +126,3 @@ def make_optimizer(cfg: ml_collections.ConfigDict, trainable_params: Mapping, to
         inner = optax.adamw(schedules["default"], **adam)
     chain = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm else []
     return optax.chain(*chain, inner), schedules
-
-
-def describe(mask: Mapping[tuple[str, ...], bool], params: Mapping) -> dict[str, Any]:
-    """Trainable/frozen parameter counts per top-level module, for the start-up log."""
-    flat = traverse_util.flatten_dict(params)
-    out: dict[str, dict[str, int]] = {}
-    for p, v in flat.items():
-        entry = out.setdefault(p[0], {"trainable": 0, "frozen": 0})
-        entry["trainable" if mask[p] else "frozen"] += int(math.prod(v.shape))
-    return out

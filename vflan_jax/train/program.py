@@ -2,13 +2,12 @@
 
 Both are jitted with explicit shardings derived from the parameter shardings
 (`parallel.state_shardings`): Adam moments live in their parameter's shards, scalars are
-replicated. `train.py` runs them; `aot.py` compiles the very same programs for a target it does
-not run on (a TPU topology, N simulated CPU devices) to measure their memory.
+replicated. The trainer (`train/__main__.py`) runs them; `aot.py` compiles the very same programs
+for a target it does not run on (a TPU topology, N simulated CPU devices) to measure their memory.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Callable
 
@@ -18,8 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from vflan_jax import parallel
-from vflan_jax.train import optim
 from vflan_jax.models.llava import LlavaForConditionalGeneration
+from vflan_jax.train import optim
 from vflan_jax.train.step import TrainState, make_train_step
 
 # The config fields that change a program's memory, named when it does not fit.
@@ -28,9 +27,9 @@ MEMORY_FIELDS = ("global_batch_size / grad_accum_steps (same global batch, small
                  "data.max_length")
 
 
-class DoesNotFit(SystemExit):
-    """A compile (or allocation) ran out of device memory. A SystemExit carrying its message, so
-    the trainer stops with one line naming the fields to change (exit 1), never a traceback."""
+class DoesNotFit(RuntimeError):
+    """A compile (or allocation) ran out of device memory; the message names the fields to change.
+    The CLIs turn it into one line and exit status 1, never a traceback."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -132,7 +131,3 @@ def abstract_batch(cfg, model_cfg, sharding: NamedSharding) -> dict[str, jax.Sha
               "positions": ((B, L), jnp.int32), "task_ids": ((B, L), jnp.int32),
               "pixel_values": ((B, K, 3, size, size), jnp.float32), "image_mask": ((B, K), jnp.bool_)}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in shapes.items()}
-
-
-def describe_parameters(program: TrainProgram) -> str:
-    return json.dumps(optim.describe(program.mask, program.abstract_params))

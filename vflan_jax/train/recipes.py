@@ -13,8 +13,27 @@ LLAVA_PRETRAIN_INSTANCES = 558_128    # LCS-558K (docs/REFERENCE.md §4.1; count
 SIZES = ("7b", "13b")
 
 
-def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
-    """'size=13b,data_dir=/x' -> {'size': '13b', 'data_dir': '/x', ...defaults}; unknown keys are errors."""
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
+def _typed(key: str, text: str, default):
+    """`text` as the type of `default` (big_vision's configs/common.py parse_arg does the same)."""
+    if isinstance(default, bool):   # before int: bool is an int subclass, and int("true") fails
+        if text.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"config argument {key}={text!r}: use 1 or 0 (or true / false)")
+        return text.lower() in _TRUE
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError(f"config argument {key}={text!r}: expected {type(default).__name__}, "
+                             f"like the default {default!r}") from None
+    return text
+
+
+def parse_arg(arg: str | None, **defaults):
+    """'size=7b,tasks=10' -> {'size': '7b', 'tasks': 10, ...the other defaults}: each value typed as its
+    default (bool, int, float or str); an unknown key or a value of the wrong type is an error naming it."""
     values = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
@@ -22,7 +41,7 @@ def parse_arg(arg: str | None, **defaults: str) -> dict[str, str]:
             raise ValueError(f"config argument {item!r}: use key=value (known keys: {sorted(defaults)})")
         if key not in defaults:
             raise ValueError(f"config argument {key!r} is unknown; known keys: {sorted(defaults)}")
-        values[key] = value
+        values[key] = _typed(key, value, defaults[key])
     if "size" in values and values["size"] not in SIZES:
         raise ValueError(f"config argument size={values['size']!r}: use one of {SIZES}")
     return values
@@ -59,19 +78,16 @@ def llava15_finetune(size: str):
     return c
 
 
-def use_lora(c, enabled: str = "1", quantize: str = "none", rank: int = 128, alpha: float = 256.0,
-             learning_rate: float = 2e-4, projector_learning_rate: float | None = 2e-5):
+def use_lora(c, enabled: bool = True, quantize: str = "none", rank: int = 128, alpha: float = 256.0,
+             learning_rate: float = 2e-4, projector_learning_rate: float | None = 2e-5, dropout: float = 0.05):
     """LoRA instead of full tuning of the LLM (config arguments lora=1[,quantize=int8|nf4]). Defaults:
-    LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh: rank 128, alpha 256, lr 2e-4, projector
-    lr 2e-5; its lora_dropout 0.05 is not implemented, so 0 here); the projector stays fully trained,
-    the tower and base LLM frozen."""
-    if enabled not in ("0", "1"):
-        raise ValueError(f"config argument lora={enabled!r}: use 0 or 1")
-    if enabled == "0":
+    LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh: rank 128, alpha 256, lora_dropout 0.05,
+    lr 2e-4, projector lr 2e-5); the projector stays fully trained, the tower and base LLM frozen."""
+    if not enabled:
         if quantize != "none":
             raise ValueError(f"config argument quantize={quantize!r} needs lora=1")
         return c
-    c.lora.rank, c.lora.alpha, c.lora.quantize = rank, alpha, quantize
+    c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.quantize = rank, alpha, dropout, quantize
     c.optim.learning_rate = learning_rate
     c.optim.projector_learning_rate = projector_learning_rate
     c.optim.trainable = ("projector", "llm")   # with adapters, "llm" trains the adapters only (optim.py)

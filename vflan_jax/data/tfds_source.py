@@ -1,7 +1,7 @@
 """Image classification datasets read through TFDS without TensorFlow: tfds.data_source(name,
 split, data_dir) over prepared array_record files, class names from the dataset's metadata.
 
-Two users: the forgetting suite (forgetting.py reads D/<dataset>/<version>/ as TFDS) and training
+Two users: the forgetting suite (eval/forgetting.py reads D/<dataset>/<version>/ as TFDS) and training
 (`TFDSInstructions` maps each image + label to a one-turn instruction Example with the image's
 PNG bytes, a Grain random-access source the data pipeline decodes like prepared shards; a source
 `pipeline.tfds_source_config(name, split, data_dir)` enters the mixture through mixture.open_source,
@@ -16,18 +16,20 @@ import re
 
 import numpy as np
 
-from vflan_jax.eval.benchmark import BenchmarkError
-
 INSTALL_HINT = ("reading TFDS datasets needs tensorflow-datasets (TensorFlow is not needed): "
                 "pip install 'vflan_jax[tfds]' (tensorflow-datasets==4.9.10 importlib_resources==7.1.0)")
 VERSION_DIR = re.compile(r"\d+\.\d+\.\d+")
+
+
+class TFDSUnavailable(ValueError):
+    """tensorflow-datasets missing, or a split that cannot be read; the message says which and how to fix it."""
 
 
 def import_tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise BenchmarkError(INSTALL_HINT) from None
+        raise TFDSUnavailable(INSTALL_HINT) from None
     return tfds
 
 
@@ -47,7 +49,7 @@ class TFDSClassification:
         try:
             self.source = tfds.data_source(name, split=split, data_dir=data_dir)
         except Exception as e:     # tfds raises DatasetNotFoundError, AssertionError, ... for unprepared data
-            raise BenchmarkError(f"TFDS {name} split {split!r} in {data_dir}: cannot be read "
+            raise TFDSUnavailable(f"TFDS {name} split {split!r} in {data_dir}: cannot be read "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         self.class_names = list(self.source.dataset_info.features["label"].names)
 
@@ -93,7 +95,8 @@ class TFDSInstructions:
 
     def fields(self, i: int, label: int) -> tuple:
         """(id, task_name, image, turns) of record i, without its pixels (what the index hashes)."""
-        from vflan_jax.data.sources import GPT, HUMAN, IMAGE_TOKEN
+        from vflan_jax.constants import IMAGE_TOKEN
+        from vflan_jax.data.sources import GPT, HUMAN
         answer = self.data.class_names[label].replace("_", " ")
         return (f"{self.task_name}/{self.data.split}/{int(i)}", self.task_name, f"{self.task_name}/{int(i)}.png",
                 ((HUMAN, f"{IMAGE_TOKEN}\n{self.prompt}"), (GPT, answer)))

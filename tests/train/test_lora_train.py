@@ -127,3 +127,42 @@ def test_dropout_changes_the_training_loss_with_one_key_per_step_and_micro_batch
     assert abs(second - first) > 1e-4               # each micro-batch draws its own masks
     assert abs(first - dropped(state._replace(step=state.step + 1))[0]) > 1e-4               # each step ...
     assert abs(first - dropped(state._replace(rng=jax.random.key_data(jax.random.key(1))))[0]) > 1e-4  # ... and seed
+
+
+def documented_lora_demo() -> list[list[str]]:
+    """The two commands of configs/demo.py's docstring (a brief full-tuning base, then LoRA on it), as written."""
+    import ast
+    import shlex
+    doc = ast.get_docstring(ast.parse((REPO / "configs/demo.py").read_text()))
+    lines = doc.split("\n\n    python -m vflan_jax.train --config configs/demo.py --workdir runs/demo-base", 1)[1]
+    text = "python -m vflan_jax.train --config configs/demo.py --workdir runs/demo-base" + lines.split("\n\n")[0]
+    commands = [shlex.split(c) for c in text.replace("\\\n", " ").splitlines() if c.strip()]
+    assert len(commands) == 2 and "configs/demo.py:lora=1" in commands[1], commands
+    return commands
+
+
+@pytest.mark.slow   # two trainer runs in subprocesses, ~2 min
+def test_the_documented_lora_demo_learns_the_heldout_tasks(tmp_path):
+    """LoRA on a base trained only briefly (at chance on the held-out tasks) lifts held-out exact match well
+    above chance, and prints it. Run from a folder holding configs/ with the documented relative paths;
+    only the evaluation is made smaller."""
+    import subprocess
+    import sys
+
+    from tests.train.cli import env
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    outputs = []
+    for command in documented_lora_demo():
+        assert command[:3] == ["python", "-m", "vflan_jax.train"]
+        proc = subprocess.run([sys.executable, *command[1:], "--config.eval_max_examples=96"], cwd=tmp_path,
+                              env=env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        outputs.append(proc.stdout)
+    base, lora = (json.loads((tmp_path / "runs" / w / "summary.json").read_text()) for w in ("demo-base", "demo-lora"))
+    chance = lora["eval"]["heldout_chance"]
+    assert base["eval"]["heldout_accuracy"] < chance + 0.1, base["eval"]     # the base has not learned them
+    assert lora["eval"]["heldout_accuracy"] > max(chance, base["eval"]["heldout_accuracy"]) + 0.15, lora["eval"]
+    assert lora["final_loss"] < lora["first_loss"], lora
+    assert "heldout tasks: exact-match accuracy" in outputs[1] and "trained 300 steps: loss" in outputs[1]
+    params, cfg = load_model(tmp_path / "runs/demo-lora/model")
+    assert cfg.text.lora is not None and "lora_a" in params["language_model"]["layers"]["self_attn"]["q_proj"]

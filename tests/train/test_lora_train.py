@@ -142,10 +142,10 @@ def documented_lora_demo() -> list[list[str]]:
 
 
 @pytest.mark.slow   # two trainer runs in subprocesses, ~2 min
-def test_the_documented_lora_demo_learns_the_heldout_tasks(tmp_path):
+def test_the_documented_lora_demo_learns_the_heldout_tasks_and_exports_to_peft(tmp_path):
     """LoRA on a base trained only briefly (at chance on the held-out tasks) lifts held-out exact match well
-    above chance, and prints it. Run from a folder holding configs/ with the documented relative paths;
-    only the evaluation is made smaller."""
+    above chance, and prints it; its merged and PEFT exports load in transformers (+ peft) with its logits.
+    Run from a folder holding configs/ with the documented relative paths; only the evaluation is made smaller."""
     import subprocess
     import sys
 
@@ -166,3 +166,32 @@ def test_the_documented_lora_demo_learns_the_heldout_tasks(tmp_path):
     assert "heldout tasks: exact-match accuracy" in outputs[1] and "trained 300 steps: loss" in outputs[1]
     params, cfg = load_model(tmp_path / "runs/demo-lora/model")
     assert cfg.text.lora is not None and "lora_a" in params["language_model"]["layers"]["self_attn"]["q_proj"]
+
+    # Its exports: merged weights, and a PEFT adapter over the exported base, give this model's logits.
+    import torch
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration as HFLlava
+
+    from tests.models.hf_oracle import hf_logits, random_batch, rel_l2
+    from vflan_jax.convert.__main__ import main as convert
+    from vflan_jax.models.llava import LlavaForConditionalGeneration
+    runs = tmp_path / "runs"
+    for checkpoint, out, extra in (("demo-base", "hf-base", []), ("demo-lora", "hf-merged", []),
+                                   ("demo-lora", "adapter", ["--adapter_only"])):
+        assert convert(["export-hf", "--checkpoint", str(runs / checkpoint / "model"), "--out", str(tmp_path / out),
+                        *extra]) == 0
+    batch = random_batch(cfg, [1, 1], cfg.tokens_per_image + 12, seed=7)
+    ours = np.asarray(LlavaForConditionalGeneration(cfg).apply(
+        {"params": params}, batch["ids"].astype(np.int32), batch["pixels"], batch["image_mask"]))
+    merged = HFLlava.from_pretrained(tmp_path / "hf-merged", dtype=torch.float32).eval()
+    # The demo's model marks images with LLaVA's -200; the export adds an <image> token to the vocabulary.
+    hf_batch = {**batch, "ids": np.where(batch["ids"] == cfg.image_token_id, merged.config.image_token_id,
+                                         batch["ids"])}
+    hf_vocab = merged.config.text_config.vocab_size
+    ours = ours[..., :cfg.text.vocab_size]
+    assert rel_l2(hf_logits(merged, hf_batch)[..., :cfg.text.vocab_size], ours) <= 1e-5 and hf_vocab >= ours.shape[-1]
+    base_model = HFLlava.from_pretrained(tmp_path / "hf-base", dtype=torch.float32).eval()
+    before = hf_logits(base_model, hf_batch)[..., :cfg.text.vocab_size]
+    with_adapter = PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
+    assert rel_l2(hf_logits(with_adapter, hf_batch)[..., :cfg.text.vocab_size], ours) <= 1e-5
+    assert rel_l2(before, ours) > 1e-3   # the adapter (and projector) carry what LoRA learned
